@@ -1,0 +1,3 @@
+from lightning_fuse.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""Export the fused target of a checkpoint as a plain Hugging Face model folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def load_module(ckpt: str, load_sources: bool = False):
+    """A FusionModule restored from ``ckpt`` (target + selector; sources only if ``load_sources``)."""
+    from lightning_fuse.module import FusionModule
+
+    if not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"`--ckpt` {ckpt!r} is not a file. Pass a checkpoint written by `lightning-fuse fit`.")
+    try:
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated or foreign file: say so instead of a pickle traceback
+        raise ValueError(f"`--ckpt` {ckpt!r} could not be read ({type(err).__name__}: {err}). Is it complete?") from err
+    if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(f"`--ckpt` {ckpt!r} is not a lightning-fuse checkpoint (no hyper_parameters/state_dict).")
+    module = FusionModule(**checkpoint["hyper_parameters"])
+    module.load_sources = load_sources
+    module.configure_model()
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()
+
+
+def export(ckpt: str, out: str, dtype: str | None = None) -> Path:
+    """Write the fused target of ``ckpt`` (weights in safetensors, config, tokenizer) to the folder ``out``.
+
+    Args:
+        ckpt: checkpoint written by ``lightning-fuse fit``.
+        out: output folder; loads with ``AutoModelForCausalLM.from_pretrained(out)``. Must not exist or be empty.
+        dtype: cast the weights (``float32``, ``bfloat16``, ``float16``) before saving; default keeps them.
+    """
+    out_path = Path(out)
+    if out_path.exists() and any(out_path.iterdir()):
+        raise FileExistsError(f"`--out` {out!r} exists and is not empty. Choose a new folder.")
+    module = load_module(ckpt)
+    target = module.target
+    if dtype is not None:
+        target = target.to(getattr(torch, dtype))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+    try:
+        target.save_pretrained(tmp, safe_serialization=True)
+        module.tokenizer.save_pretrained(tmp)
+        info = {k: v for k, v in module.hparams.items()}
+        (tmp / "lightning_fuse.json").write_text(json.dumps({"checkpoint": os.path.abspath(ckpt), "hparams": info}, indent=2, default=str))
+        if out_path.exists():
+            out_path.rmdir()
+        os.replace(tmp, out_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported the fused target to %s", out_path)
+    return out_path

@@ -1,0 +1,195 @@
+"""Sparse next-token distributions, fusion weights and distillation losses.
+
+Shapes: B sequences, L positions, V target vocabulary, N sources, k kept ids per source and position.
+A source's distribution is never materialised as a dense ``B x L x V`` tensor: it is kept as its top-k ids and
+log-probs, the rest of its mass being one "other" bucket. The fused distribution is the union of the kept
+sources' top-k ids (``M = N * k`` slots, duplicates merged), and the distillation losses compare teacher and
+student on that union plus the "other" bucket, which makes them proper divergences between two distributions
+over ``M + 1`` outcomes (a lower bound of the full-vocabulary divergence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Strategy = Literal["adaptive", "uniform", "min_ce", "avg_ce", "clm"]
+DistillLoss = Literal["forward_kl", "reverse_kl", "jsd"]
+STRATEGIES: tuple[str, ...] = ("adaptive", "uniform", "min_ce", "avg_ce", "clm")
+DISTILL_LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
+_EPS = 1e-12
+
+
+@dataclass
+class SparseDist:
+    """Top-k slice of next-token distributions.
+
+    Attributes:
+        ids: ``[B, L, k]`` int64 target-vocabulary ids; ``-1`` marks an empty slot (probability 0).
+        logprobs: ``[B, L, k]`` log-probabilities normalised over the full vocabulary (``-inf`` for empty slots).
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+
+    @property
+    def probs(self) -> Tensor:
+        return self.logprobs.exp().masked_fill(self.ids < 0, 0.0)
+
+
+@dataclass
+class SourceOutput:
+    """What one source contributes for a batch.
+
+    Attributes:
+        dist: its top-k next-token distribution on the target's positions and vocabulary.
+        gold_logprob: ``[B, L]`` log-probability it gives the gold next token (0 where there is none).
+        ce: ``[B]`` mean cross-entropy on the gold tokens of each sequence.
+    """
+
+    dist: SparseDist
+    gold_logprob: Tensor
+    ce: Tensor
+
+
+def next_token_mask(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """``[B, L]`` bool: position t has a gold next token ``labels[:, t + 1]``."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != ignore_index
+    return mask
+
+
+def gold_next_tokens(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """``[B, L]`` the gold next token at each position (0 where there is none; use with ``next_token_mask``)."""
+    gold = torch.zeros_like(labels)
+    gold[:, :-1] = labels[:, 1:].clamp_min(0)
+    return gold.masked_fill(~next_token_mask(labels, ignore_index), 0)
+
+
+def source_output_from_logits(logits: Tensor, labels: Tensor, top_k: int) -> SourceOutput:
+    """Reduce a source's dense ``[B, L, V]`` logits to its sparse output right away (the logits can be freed)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top_lp, top_ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+    mask = next_token_mask(labels)
+    gold = logprobs.gather(-1, gold_next_tokens(labels).unsqueeze(-1)).squeeze(-1) * mask
+    return SourceOutput(SparseDist(top_ids, top_lp), gold, sequence_ce(gold, mask))
+
+
+def sequence_ce(gold_logprob: Tensor, mask: Tensor) -> Tensor:
+    """``[B]`` mean negative log-likelihood of the gold tokens per sequence (0 for a sequence with none)."""
+    count = mask.sum(-1).clamp_min(1)
+    return -(gold_logprob * mask).sum(-1) / count
+
+
+def baseline_weights(strategy: Strategy, ce: Tensor) -> Tensor:
+    """Fusion weights ``[B, N]`` of the fixed baselines from the sources' per-sequence CE ``[B, N]``.
+
+    uniform: 1/N. min_ce (FuseLLM): one-hot on argmin_k CE_k. avg_ce (FuseLLM): softmax(-CE).
+    """
+    if strategy == "uniform":
+        return torch.full_like(ce, 1.0 / ce.shape[-1])
+    if strategy == "min_ce":
+        return F.one_hot(ce.argmin(-1), ce.shape[-1]).to(ce.dtype)
+    if strategy == "avg_ce":
+        return torch.softmax(-ce, dim=-1)
+    raise ValueError(f"`strategy` {strategy!r} has no fixed weights; fixed strategies are uniform, min_ce, avg_ce.")
+
+
+def fuse(outputs: list[SourceOutput], weights: Tensor) -> SparseDist:
+    """Mix the sources' sparse distributions with per-sequence weights ``[B, N]`` (rows sum to 1).
+
+    Returns a ``SparseDist`` over the union of their ids (``[B, L, N * k]``, duplicates merged, empty slots -1).
+    """
+    ids = torch.cat([o.dist.ids for o in outputs], dim=-1)
+    probs = torch.cat(
+        [o.dist.probs * weights[:, i, None, None] for i, o in enumerate(outputs)], dim=-1
+    )
+    ids, probs = merge_duplicates(ids, probs)
+    return SparseDist(ids, probs.clamp_min(_EPS).log().masked_fill(ids < 0, float("-inf")))
+
+
+def merge_duplicates(ids: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum the probabilities of repeated ids along the last dim; slots left empty (or with p = 0) get id -1."""
+    ids = ids.masked_fill(probs <= 0, -1)
+    sorted_ids, order = ids.sort(dim=-1)
+    sorted_p = probs.gather(-1, order)
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
+    slot = first.long().cumsum(-1) - 1
+    merged_p = torch.zeros_like(sorted_p).scatter_add_(-1, slot, sorted_p)
+    merged_ids = torch.full_like(sorted_ids, -1).scatter_(-1, slot, sorted_ids)
+    merged_ids = merged_ids.masked_fill(merged_p <= 0, -1)
+    return merged_ids, merged_p.masked_fill(merged_ids < 0, 0.0)
+
+
+def _coarse(student_logprobs: Tensor, teacher: SparseDist, temperature: float) -> tuple[Tensor, ...]:
+    """Teacher and student on the teacher's support plus an "other" bucket: (p, log p, q, log q), ``[B, L, M+1]``."""
+    valid = teacher.ids >= 0
+    p = teacher.probs
+    if temperature != 1.0:  # temper within the support, keep the support's total mass
+        mass = p.sum(-1, keepdim=True)
+        tempered = torch.softmax((teacher.logprobs / temperature).masked_fill(~valid, float("-inf")), dim=-1)
+        p = torch.nan_to_num(tempered * mass) * valid
+    p_other = (1.0 - p.sum(-1, keepdim=True)).clamp_min(0.0)
+    log_q_sup = student_logprobs.gather(-1, teacher.ids.clamp_min(0)).masked_fill(~valid, float("-inf"))
+    q_sup = log_q_sup.exp()
+    q_other = (1.0 - q_sup.sum(-1, keepdim=True)).clamp_min(_EPS)
+    p_all = torch.cat([p, p_other], -1)
+    q_all = torch.cat([q_sup, q_other], -1)
+    log_p = p_all.clamp_min(_EPS).log()
+    log_q = torch.cat([log_q_sup.clamp_min(torch.finfo(log_q_sup.dtype).min), q_other.log()], -1)
+    return p_all, log_p, q_all, log_q
+
+
+def distill_loss(
+    student_logits: Tensor,
+    teacher: SparseDist,
+    mask: Tensor,
+    kind: DistillLoss = "forward_kl",
+    temperature: float = 1.0,
+) -> Tensor:
+    """Mean divergence between the teacher ``P`` and the student ``Q`` over positions where ``mask`` is True.
+
+    Args:
+        student_logits: ``[B, L, V]`` target logits.
+        teacher: fused sparse distribution, ``[B, L, M]``.
+        mask: ``[B, L]`` bool, positions that have a gold next token.
+        kind: ``forward_kl`` = KL(P || Q) (soft-target CE up to P's entropy), ``reverse_kl`` = KL(Q || P),
+            ``jsd`` = Jensen-Shannon divergence.
+        temperature: softens both distributions; the loss is scaled by ``temperature ** 2``.
+
+    Returns:
+        A scalar; 0 (with a gradient path) if ``mask`` is all False.
+    """
+    if kind not in DISTILL_LOSSES:
+        raise ValueError(f"`distill_loss` can be {', '.join(DISTILL_LOSSES)}, got {kind!r}.")
+    student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    p, log_p, q, log_q = _coarse(student, teacher, temperature)
+    if kind == "forward_kl":
+        per_pos = (torch.xlogy(p, p) - p * log_q).sum(-1)
+    elif kind == "reverse_kl":
+        per_pos = (q * (log_q - log_p)).sum(-1)
+    else:
+        log_m = (0.5 * (p + q)).clamp_min(_EPS).log()
+        per_pos = 0.5 * (torch.xlogy(p, p) - p * log_m).sum(-1) + 0.5 * (q * (log_q - log_m)).sum(-1)
+    count = mask.sum()
+    return (per_pos * mask).sum() / count.clamp_min(1) * temperature**2
+
+
+def mixture_nll(gold_logprobs: Tensor, gate: Tensor, mask: Tensor) -> Tensor:
+    """Selector objective: mean over gold tokens of ``-log sum_k g_k P_k(y_t)``.
+
+    Args:
+        gold_logprobs: ``[B, N, L]`` each source's log-probability of the gold next token.
+        gate: ``[B, N]`` selector probabilities (rows sum to 1; gradient flows into them).
+        mask: ``[B, L]`` positions with a gold next token.
+
+    The dense mixture (not the top-K renormalised weights) is used so that the selector gets a gradient for
+    every source on every sample, also with K = 1 where the renormalised weight is identically 1.
+    """
+    mix = torch.logsumexp(gold_logprobs + gate.clamp_min(_EPS).log().unsqueeze(-1), dim=1)
+    return -(mix * mask).sum() / mask.sum().clamp_min(1)

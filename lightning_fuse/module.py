@@ -1,0 +1,399 @@
+"""FusionModule: frozen sources -> (alignment) -> selector -> weighted fusion -> distillation into the target.
+
+Extension points for subclasses (each a small method): ``build_target``, ``build_sources``, ``build_selector``,
+``run_sources`` (how source outputs are obtained), ``selector_features`` (what the selector sees),
+``fusion_weights`` (how sources are weighted) and ``fuse_distributions`` (how they are mixed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lightning_fuse.callbacks import SelectionFeedback
+from lightning_fuse.fusion import (
+    DISTILL_LOSSES,
+    STRATEGIES,
+    DistillLoss,
+    SourceOutput,
+    SparseDist,
+    Strategy,
+    baseline_weights,
+    distill_loss,
+    fuse,
+    gold_next_tokens,
+    mixture_nll,
+    next_token_mask,
+    sequence_ce,
+)
+from lightning_fuse.selector import Selection, Selector, SelectorFeatures
+from lightning_fuse.sources import (
+    DType,
+    FrozenSource,
+    SourceSpec,
+    load_causal_lm,
+    load_config,
+    load_tokenizer,
+    resolve_path,
+    tokenizer_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+
+
+class FusionModule(pl.LightningModule):
+    """Fuse N frozen source LMs into a trainable target LM.
+
+    Total loss: ``clm_weight * CE(target, gold) + (1 - clm_weight) * D(P_fused || target)
+    + selector loss + beta * feedback`` (``beta`` and the feedback term come from the ``SelectionFeedback``
+    callback). The selector loss is the mixture likelihood of the gold tokens under the gate (it trains only the
+    selector); the target distils the fused distribution with the fusion weights detached.
+
+    Args:
+        target: folder or hub id of the target causal LM (a folder with only a config starts from scratch).
+        sources: the frozen source LMs (name, path, tokenizer, load_in_8bit, ...).
+        tokenizer: the target's tokenizer; defaults to ``target``.
+        strategy: ``adaptive`` (trained selector), ``uniform``, ``min_ce`` / ``avg_ce`` (FuseLLM), ``clm`` (no
+            distillation).
+        top_k: sources kept per sequence by the adaptive selector.
+        threshold: keep the sources whose gate is >= threshold instead of the top-K (in (0, 1]).
+        selector_features: what the selector sees: ``rewards`` (exp(-CE) of every source), ``hidden`` (pooled
+            target hidden state) or ``both``.
+        selector_width: hidden width of the selector MLP.
+        clm_weight: lambda, weight of the causal-LM loss on gold tokens, in [0, 1].
+        distill_loss: divergence D: ``forward_kl`` (soft-target CE), ``reverse_kl`` or ``jsd``.
+        temperature: distillation temperature T > 0.
+        distill_top_k: ids kept per position of each source's distribution.
+        target_dtype: dtype of the target's weights (use Trainer ``precision`` for mixed precision).
+        learning_rate: AdamW learning rate of the target.
+        selector_learning_rate: AdamW learning rate of the selector.
+        weight_decay: AdamW weight decay of the target.
+        warmup_steps: linear learning-rate warm-up steps.
+        on_nonfinite: what a NaN/inf loss does: ``stop`` (raise, naming the step and the part) or ``skip_batch``.
+        trust_remote_code: allow code shipped with the target/tokenizer.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        sources: list[SourceSpec] | None = None,
+        tokenizer: str | None = None,
+        strategy: Strategy = "adaptive",
+        top_k: int = 1,
+        threshold: float | None = None,
+        selector_features: SelectorFeatures = "both",
+        selector_width: int = 64,
+        clm_weight: float = 0.5,
+        distill_loss: DistillLoss = "forward_kl",
+        temperature: float = 1.0,
+        distill_top_k: int = 10,
+        target_dtype: DType = "float32",
+        learning_rate: float = 1e-3,
+        selector_learning_rate: float = 1e-2,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        on_nonfinite: Literal["stop", "skip_batch"] = "stop",
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        specs = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in (sources or [])]
+        _validate(specs, strategy, top_k, threshold, clm_weight, distill_loss, temperature, distill_top_k, on_nonfinite)
+        self.save_hyperparameters(ignore=["sources"])
+        self.hparams["sources"] = [asdict(s) for s in specs]  # plain dicts: checkpoints need no pickled classes
+        self.source_specs = specs
+        self.source_names = [s.name for s in specs]
+        self.tokenizer = load_tokenizer(tokenizer or target, "target tokenizer", trust_remote_code)
+        self.target_config = load_config(target, "target", trust_remote_code)
+        self.target: nn.Module | None = None
+        self.selector: Selector | None = None
+        self.sources: list[FrozenSource] = []  # plain list: not a submodule, never in state_dict/optimizer
+        self.load_sources = True  # export and evaluation of the target alone set this to False
+
+    # ----------------------------------------------------------------------------------------------- building
+    def configure_model(self) -> None:
+        """Load the target and the selector (idempotent), then the sources on this process' device."""
+        if self.target is None:
+            self.target = self.build_target()
+            if self.tokenizer is not None and self.target.get_input_embeddings().num_embeddings < len(self.tokenizer):
+                raise ValueError(
+                    f"The target's embedding has {self.target.get_input_embeddings().num_embeddings} rows but its "
+                    f"tokenizer has {len(self.tokenizer)} tokens. Use the tokenizer the target was trained with."
+                )
+        if self.selector is None and self.sources_needed:
+            self.selector = self.build_selector()
+        if self.load_sources and self.sources_needed and not self.sources:
+            self.sources = self.build_sources()
+
+    @property
+    def sources_needed(self) -> bool:
+        return len(self.source_specs) > 0
+
+    def build_target(self) -> nn.Module:
+        h = self.hparams
+        return load_causal_lm(h.target, "target", h.target_dtype, trust_remote_code=h.trust_remote_code)
+
+    def build_selector(self) -> Selector:
+        h = self.hparams
+        hidden = getattr(self.target.config, "hidden_size", None) or self.target.get_input_embeddings().embedding_dim
+        return Selector(len(self.source_specs), hidden, h.selector_features, h.selector_width, h.top_k, h.threshold)
+
+    def build_sources(self) -> list[FrozenSource]:
+        """Load every declared source, check its vocabulary against the target's and freeze it."""
+        device = self._load_device()
+        target_fp = tokenizer_fingerprint(self.tokenizer)
+        sources = []
+        for spec in self.source_specs:
+            source = FrozenSource.load(spec, device)
+            if tokenizer_fingerprint(source.tokenizer) != target_fp:
+                raise ValueError(
+                    f"Source {spec.name!r} uses another tokenizer than the target ({len(source.tokenizer)} vs "
+                    f"{len(self.tokenizer)} tokens). Cross-tokenizer alignment is not available in this version: "
+                    "give the source the target's tokenizer or pick a source from the same family."
+                )
+            sources.append(source)
+        return sources
+
+    def _load_device(self) -> torch.device:
+        if self._trainer is not None:
+            return self.trainer.strategy.root_device
+        return self.device
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
+        return self.target(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def run_sources(self, batch: dict[str, Tensor]) -> list[SourceOutput]:
+        """Each source's sparse output on this batch (frozen, no grad)."""
+        vocab = self.target.get_output_embeddings().weight.shape[0]
+        outputs = []
+        for source in self.sources:
+            source.to(self.device)
+            out = source.forward(batch["input_ids"], batch["attention_mask"], batch["labels"], self.hparams.distill_top_k, vocab)
+            if not torch.isfinite(out.ce).all():
+                self._nonfinite(f"source {source.name!r} produced NaN/inf log-probs")
+            outputs.append(out)
+        return outputs
+
+    def selector_features(self, outputs: list[SourceOutput], hidden: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        """Selector inputs: rewards exp(-CE_k) ``[B, N]`` and the mean-pooled, detached target hidden state ``[B, H]``."""
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden.detach() * m).sum(1) / m.sum(1).clamp_min(1)
+        rewards = torch.exp(-torch.stack([o.ce for o in outputs], dim=-1))
+        return {"rewards": rewards, "hidden": pooled}
+
+    def fusion_weights(self, outputs: list[SourceOutput], features: dict[str, Tensor]) -> Selection:
+        """Per-sequence fusion weights; for fixed strategies the 'gate' is the weights themselves."""
+        if self.hparams.strategy == "adaptive":
+            return self.selector.select(self.selector(**features))
+        w = baseline_weights(self.hparams.strategy, torch.stack([o.ce for o in outputs], dim=-1))
+        return Selection(w, w > 0, w)
+
+    def fuse_distributions(self, outputs: list[SourceOutput], weights: Tensor) -> SparseDist:
+        return fuse(outputs, weights)
+
+    def _step(self, batch: dict[str, Tensor], stage: str) -> dict[str, Any]:
+        h = self.hparams
+        labels = batch["labels"].masked_fill(batch["attention_mask"] == 0, -100)
+        batch = {**batch, "labels": labels}
+        mask = next_token_mask(labels)
+        gold = gold_next_tokens(labels)
+        out = self.target(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=self.sources_needed
+        )
+        logits = out.logits
+        target_logprob = torch.log_softmax(logits.float(), -1).gather(-1, gold.unsqueeze(-1)).squeeze(-1) * mask
+        clm = -target_logprob.sum() / mask.sum().clamp_min(1)
+        result: dict[str, Any] = {"clm": clm, "target_ce": sequence_ce(target_logprob.detach(), mask), "mask": mask}
+        result["target_correct"] = (logits.detach().argmax(-1) == gold) & mask
+        run_sources = self.sources_needed and (h.strategy != "clm" or stage != "train")
+        if not run_sources:
+            result["loss"] = clm
+            return result
+        outputs = self.run_sources(batch)
+        features = self.selector_features(outputs, out.hidden_states[-1], batch["attention_mask"])
+        selection = self.fusion_weights(outputs, features)
+        result.update(source_ce=torch.stack([o.ce for o in outputs], -1), selection=selection, outputs=outputs)
+        if h.strategy == "clm":
+            result["loss"] = clm
+            return result
+        teacher = self.fuse_distributions(outputs, selection.weights.detach())
+        kd = distill_loss(logits, teacher, mask, h.distill_loss, h.temperature)
+        loss = h.clm_weight * clm + (1.0 - h.clm_weight) * kd
+        result["kd"] = kd
+        if h.strategy == "adaptive":
+            gold_lp = torch.stack([o.gold_logprob for o in outputs], dim=1)
+            result["selector_loss"] = mixture_nll(gold_lp, selection.gate, mask)
+            loss = loss + result["selector_loss"]
+            feedback = self.feedback
+            if feedback is not None and stage == "train" and feedback.beta > 0:
+                result["feedback"] = feedback.loss(selection.gate, selection.mask)
+                loss = loss + feedback.beta * result["feedback"]
+        result["loss"] = loss
+        return result
+
+    @property
+    def feedback(self) -> SelectionFeedback | None:
+        if self._trainer is None:
+            return None
+        return next((c for c in self.trainer.callbacks if isinstance(c, SelectionFeedback)), None)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
+        r = self._step(batch, "train")
+        parts = {k: r[k] for k in ("clm", "kd", "selector_loss", "feedback") if k in r}
+        if not torch.isfinite(r["loss"]):
+            bad = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+            return self._nonfinite(f"non-finite training loss at step {self.global_step}, batch {batch_idx} ({bad})")
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", r["loss"], prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
+        ret: dict[str, Any] = {"loss": r["loss"]}
+        if "selection" in r:
+            ret.update(selection_gate=r["selection"].gate.detach(), selection_mask=r["selection"].mask.detach())
+        return ret
+
+    def _nonfinite(self, message: str) -> None:
+        if self.hparams.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"{message}. Lower the learning rate, check the sources and data, or set "
+                "`--model.on_nonfinite skip_batch` to skip such batches."
+            )
+        log.warning("%s: batch skipped (on_nonfinite=skip_batch)", message)
+        return None
+
+    # ----------------------------------------------------------------------------------------------- evaluation
+    @property
+    def max_seq_length(self) -> int | None:
+        """The target's position limit (from its config; known before the weights load)."""
+        return getattr(self.target_config, "max_position_embeddings", None)
+
+    def _domains(self) -> list[str]:
+        dm = getattr(self.trainer, "datamodule", None)
+        return list(getattr(dm, "domains", None) or ["default"])
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start()
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start()
+
+    def _eval_start(self) -> None:
+        names = ["target", *self.source_names]
+        keys = [f"{d}|{n}|{m}" for d in self._domains() for n in names for m in ("ce", "acc")]
+        keys += [f"{d}|{n}|share" for d in self._domains() for n in self.source_names]
+        self.eval_metrics = nn.ModuleDict({k: MeanMetric() for k in keys}).to(self.device)
+        self.eval_loss = MeanMetric().to(self.device)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    @torch.no_grad()
+    def _eval_step(self, batch: dict[str, Tensor]) -> None:
+        r = self._step(batch, "val")
+        domains = self._domains()
+        tokens = r["mask"].sum(-1).float()
+        self.eval_loss.update(r["clm"], weight=tokens.sum())
+        for b in range(batch["input_ids"].shape[0]):
+            d = domains[int(batch["domain"][b])]
+            self.eval_metrics[f"{d}|target|ce"].update(r["target_ce"][b], weight=tokens[b])
+            acc = r["target_correct"][b].sum() / tokens[b].clamp_min(1)
+            self.eval_metrics[f"{d}|target|acc"].update(acc, weight=tokens[b])
+            for i, name in enumerate(self.source_names if "source_ce" in r else []):
+                self.eval_metrics[f"{d}|{name}|ce"].update(r["source_ce"][b, i], weight=tokens[b])
+                top1 = r["outputs"][i].dist.ids[b, :, 0] == batch["labels"][b].roll(-1)
+                acc = (top1 & r["mask"][b]).sum() / tokens[b].clamp_min(1)
+                self.eval_metrics[f"{d}|{name}|acc"].update(acc, weight=tokens[b])
+                self.eval_metrics[f"{d}|{name}|share"].update(r["selection"].weights[b, i])
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    def _eval_end(self, stage: str) -> None:
+        results = {}
+        for key, metric in self.eval_metrics.items():
+            if metric.update_count == 0 and not self.trainer.world_size > 1:
+                continue
+            domain, name, kind = key.split("|")
+            value = float(metric.compute())
+            if math.isnan(value):
+                continue
+            results[f"{stage}/{domain}/{name}_{kind}"] = value
+            if kind == "ce":
+                results[f"{stage}/{domain}/{name}_ppl"] = math.exp(min(value, 50.0))
+        self.log_dict(results, sync_dist=False)
+        self.log(f"{stage}/loss", self.eval_loss.compute(), prog_bar=True)
+        self.eval_results = results
+
+    # ----------------------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> Any:
+        h = self.hparams
+        target_params = [p for p in self.target.parameters() if p.requires_grad]
+        groups = [{"params": target_params, "lr": h.learning_rate, "weight_decay": h.weight_decay}]
+        if self.selector is not None and h.strategy == "adaptive":
+            groups.append({"params": list(self.selector.parameters()), "lr": h.selector_learning_rate, "weight_decay": 0.0})
+        trainable = sum(p.numel() for g in groups for p in g["params"])
+        frozen = sum(p.numel() for s in self.sources for p in s.model.parameters())
+        log.info("trainable parameters: %s (target + selector); frozen source parameters: %s", f"{trainable:,}", f"{frozen:,}")
+        optimizer = torch.optim.AdamW(groups)
+        warmup = max(h.warmup_steps, 0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _validate(
+    specs: list[SourceSpec],
+    strategy: str,
+    top_k: int,
+    threshold: float | None,
+    clm_weight: float,
+    kind: str,
+    temperature: float,
+    distill_top_k: int,
+    on_nonfinite: str,
+) -> None:
+    """Collect every problem with the module's arguments and raise once."""
+    problems = []
+    if strategy not in STRATEGIES:
+        problems.append(f"`--model.strategy` can be {', '.join(STRATEGIES)}, got {strategy!r}.")
+    if not specs and strategy != "clm":
+        problems.append(f"`--model.strategy {strategy}` needs at least one source in `--model.sources`.")
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        problems.append(f"Source names must be unique, got duplicates {dupes}. Rename them in `--model.sources`.")
+    if specs and not 1 <= top_k <= len(specs):
+        problems.append(f"`--model.top_k` must be between 1 and the number of sources ({len(specs)}), got {top_k}.")
+    if threshold is not None and not 0.0 < threshold <= 1.0:
+        problems.append(f"`--model.threshold` must be in (0, 1], got {threshold}.")
+    if not 0.0 <= clm_weight <= 1.0:
+        problems.append(f"`--model.clm_weight` (lambda) must be between 0 and 1, got {clm_weight}.")
+    if kind not in DISTILL_LOSSES:
+        problems.append(f"`--model.distill_loss` can be {', '.join(DISTILL_LOSSES)}, got {kind!r}.")
+    if temperature <= 0:
+        problems.append(f"`--model.temperature` must be > 0, got {temperature}.")
+    if distill_top_k < 1:
+        problems.append(f"`--model.distill_top_k` must be >= 1, got {distill_top_k}.")
+    if on_nonfinite not in ("stop", "skip_batch"):
+        problems.append(f"`--model.on_nonfinite` can be stop, skip_batch, got {on_nonfinite!r}.")
+    for spec in specs:
+        path = resolve_path(spec.path)
+        if path.startswith((".", "/", "~")) and not os.path.exists(path):
+            problems.append(f"source {spec.name!r}: path {path!r} does not exist. Fix `path` in `--model.sources`.")
+        if spec.load_in_8bit not in ("auto", True, False):
+            problems.append(f"source {spec.name!r}: `load_in_8bit` can be auto, true, false, got {spec.load_in_8bit!r}.")
+    if problems:
+        raise ValueError("\n".join(problems))
+

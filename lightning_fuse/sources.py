@@ -1,0 +1,198 @@
+"""Load and freeze causal LMs: the frozen sources (optionally 8-bit via bitsandbytes) and the target."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from lightning_fuse.fusion import SourceOutput, source_output_from_logits
+
+log = logging.getLogger(__name__)
+
+DType = Literal["float32", "bfloat16", "float16"]
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class SourceSpec:
+    """One frozen source LM, as declared in YAML.
+
+    Args:
+        name: unique name used in logs, metrics and checkpoints.
+        path: local folder or hub id of a causal LM (``demo://...`` for the embedded demo's models).
+        tokenizer: tokenizer folder or hub id; defaults to ``path``.
+        load_in_8bit: ``auto`` = 8-bit (bitsandbytes) on CUDA, ``dtype`` on CPU; ``true`` = 8-bit on any device
+            (on CPU it saves memory, not time); ``false`` = ``dtype``.
+        dtype: dtype of the weights when not loaded in 8-bit.
+        trust_remote_code: run code shipped with the model (off unless you trust its author).
+        gguf_file: file name of a GGUF checkpoint inside ``path`` (transformers dequantises it).
+        alignment: how a source with another tokenizer is mapped onto the target's vocabulary.
+    """
+
+    name: str
+    path: str
+    tokenizer: str | None = None
+    load_in_8bit: bool | Literal["auto"] = "auto"
+    dtype: DType = "float32"
+    trust_remote_code: bool = False
+    gguf_file: str | None = None
+    alignment: Literal["exact", "min_ed"] = "min_ed"
+
+
+def resolve_path(path: str) -> str:
+    """Expand ``demo://`` paths (built on first use) and ``~``; other strings (hub ids) are returned unchanged."""
+    if path.startswith("demo://"):
+        from lightning_fuse.demo import resolve_path as resolve_demo
+
+        return resolve_demo(path)
+    expanded = os.path.expanduser(path)
+    return expanded if os.path.exists(expanded) else path
+
+
+def _check_exists(path: str, what: str) -> None:
+    """Local-looking paths that do not exist get a clear error; anything else is treated as a hub id."""
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: path {path!r} does not exist. Check the path, or give a hub id.")
+
+
+def _offline_hint(err: Exception, what: str, path: str) -> Exception:
+    return OSError(
+        f"{what}: could not load {path!r} ({type(err).__name__}: {str(err).splitlines()[0]}). "
+        "If it is a hub id, this machine may be offline: download it once and pass the local folder instead."
+    )
+
+
+def load_tokenizer(path: str, what: str = "tokenizer", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    path = resolve_path(path)
+    _check_exists(path, what)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _offline_hint(err, what, path) from err
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    return tok
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Stable hash of a tokenizer's vocabulary (equal fingerprints = same token ids for the same strings)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def load_config(path: str, what: str, trust_remote_code: bool = False, gguf_file: str | None = None):
+    """The model's config alone (cheap): sizes and position limits before any weights load."""
+    path = resolve_path(path)
+    _check_exists(path, what)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    except (OSError, ValueError) as err:
+        raise _offline_hint(err, what, path) from err
+
+
+def load_causal_lm(
+    path: str,
+    what: str,
+    dtype: DType = "float32",
+    load_in_8bit: bool = False,
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+) -> nn.Module:
+    """``from_pretrained`` with clear errors; a folder holding only a config gives a freshly initialised model."""
+    path = resolve_path(path)
+    _check_exists(path, what)
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": getattr(torch, dtype)}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    if load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": str(device)})
+        kwargs.pop("dtype")
+    try:
+        if os.path.isdir(path) and gguf_file is None and not any((Path(path) / f).exists() for f in _WEIGHT_FILES):
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            log.info("%s: %s holds no weights, initialising %s from its config", what, path, config.model_type)
+            return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _offline_hint(err, what, path) from err
+
+
+def _use_8bit(spec: SourceSpec, device: torch.device) -> bool:
+    if spec.load_in_8bit == "auto":
+        return device.type == "cuda"
+    return bool(spec.load_in_8bit)
+
+
+_BNB_CPU_NOTICE_FILTERED = False
+
+
+def _filter_bnb_cpu_notice() -> None:
+    """bitsandbytes' int8 matmul on CPU warns at every call that it casts to fp16: say it once in our log instead."""
+    global _BNB_CPU_NOTICE_FILTERED
+    if not _BNB_CPU_NOTICE_FILTERED:
+        warnings.filterwarnings("ignore", message=r".*MatMul8bitLt: inputs will be cast from.*")
+        _BNB_CPU_NOTICE_FILTERED = True
+
+
+class FrozenSource:
+    """A frozen source LM: eval mode, no gradients, never in the optimizer or in checkpoints.
+
+    It is deliberately not an ``nn.Module`` attribute of the LightningModule, so that DDP/FSDP, the optimizer and
+    ``state_dict`` never see it; it moves itself to the module's device on first use.
+    """
+
+    def __init__(self, spec: SourceSpec, model: nn.Module, tokenizer: PreTrainedTokenizerBase, quantized: bool):
+        self.spec = spec
+        self.name = spec.name
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.quantized = quantized
+        self.aligner = None  # set when the source's tokenizer differs from the target's
+
+    @classmethod
+    def load(cls, spec: SourceSpec, device: torch.device) -> FrozenSource:
+        eight_bit = _use_8bit(spec, device)
+        if eight_bit and device.type == "cpu":
+            _filter_bnb_cpu_notice()
+        model = load_causal_lm(
+            spec.path, f"source {spec.name!r}", spec.dtype, eight_bit, device, spec.trust_remote_code, spec.gguf_file
+        )
+        tokenizer = load_tokenizer(spec.tokenizer or spec.path, f"source {spec.name!r} tokenizer", spec.trust_remote_code)
+        mode = "8-bit (bitsandbytes)" if eight_bit else spec.dtype
+        why = "" if eight_bit or spec.load_in_8bit is False else " (8-bit is used on CUDA only with load_in_8bit=auto)"
+        params = sum(p.numel() for p in model.parameters())
+        log.info("source %r: %s, %.2fM params, %s on %s%s", spec.name, spec.path, params / 1e6, mode, device, why)
+        return cls(spec, model, tokenizer, eight_bit)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device) -> FrozenSource:
+        if not self.quantized and self.device != device:
+            self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, top_k: int, vocab_size: int) -> SourceOutput:
+        """Top-k distributions, gold log-probs and per-sequence CE on the target's positions and vocabulary."""
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        if logits.shape[-1] > vocab_size:  # padded embedding rows beyond the shared tokenizer's ids
+            logits = logits[..., :vocab_size]
+        out = source_output_from_logits(logits, labels, top_k)
+        del logits
+        return out

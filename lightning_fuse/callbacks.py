@@ -20,12 +20,15 @@ class SelectionFeedback(Callback):
     r"""Keeps running statistics of source selection and supplies the differentiable balance (feedback) loss.
 
     Per training batch the module reports the selector's gate ``g`` (``[B, N]``, differentiable) and the kept-source
-    mask ``m``. With importance share ``p_k = sum_b g_bk m_bk / sum_bj g_bj m_bj`` of the batch and its running
-    average ``e`` (EMA over steps, no gradient), the loss acts on ``c = momentum * e + (1 - momentum) * p``:
+    mask ``m``. The batch's importance ``p_k = mean_b w_bk`` is the mean renormalised fusion weight in value, with
+    the gradient of the dense gate (straight-through, so unselected sources get a gradient too); with its running
+    average ``e`` (EMA over steps, no gradient), the loss acts on ``c = h * e + (1 - h) * p``, ``h`` = ``history_weight``:
 
-    - ``cv2``: squared coefficient of variation of ``c``, ``N * sum_k c_k^2 - 1`` (Shazeer et al. 2017);
-    - ``switch``: ``N * sum_k f_k * c_k`` with ``f`` the running selection frequency (Switch Transformer);
-    - ``hinge``: ``sum_k relu(floor - c_k)^2 / floor^2``: acts only on sources whose share falls below ``floor``,
+    - ``cv2``: squared coefficient of variation of ``c``, ``Var(c) / Mean(c)^2`` (Shazeer et al. 2017);
+    - ``switch``: ``N * sum_k f_k * P_k``, ``f`` the (running) selection frequency, ``P`` the batch's mean gate
+      (Switch Transformer);
+    - ``hinge``: ``sum_k relu(floor - s_k)^2 / floor^2`` on shares ``s = c / sum(c)``: acts only on sources whose
+      share falls below ``floor``,
       so weak sources are not forced in while the selector still cannot collapse below the floor.
 
     The module adds ``beta * loss`` to its total. Statistics go into checkpoints and are logged to the
@@ -36,6 +39,9 @@ class SelectionFeedback(Callback):
         beta: weight of the feedback loss in the total loss (>= 0; 0 = statistics only).
         mode: ``cv2``, ``switch`` or ``hinge`` (see above).
         momentum: EMA momentum of the running statistics, in [0, 1).
+        history_weight: share ``h`` of the running statistics in the loss, in [0, 1). 0 (the default) balances
+            each batch; a large ``h`` reacts late and, in our tests, makes the selector flip whole batches between
+            sources instead of settling on a per-sample split.
         floor: minimum running share per source for ``hinge``, in (0, 1/N].
         log_every_n_steps: how often statistics are logged.
 
@@ -52,6 +58,7 @@ class SelectionFeedback(Callback):
         beta: float = 0.1,
         mode: FeedbackMode = "cv2",
         momentum: float = 0.9,
+        history_weight: float = 0.0,
         floor: float = 0.1,
         log_every_n_steps: int = 10,
     ) -> None:
@@ -62,6 +69,8 @@ class SelectionFeedback(Callback):
             problems.append(f"`mode` can be cv2, switch, hinge, got {mode!r}.")
         if not 0.0 <= momentum < 1.0:
             problems.append(f"`momentum` must be in [0, 1), got {momentum}.")
+        if not 0.0 <= history_weight < 1.0:
+            problems.append(f"`history_weight` must be in [0, 1), got {history_weight}.")
         if not 0.0 < floor < 1.0:
             problems.append(f"`floor` must be in (0, 1), got {floor}.")
         if log_every_n_steps < 1:
@@ -71,6 +80,7 @@ class SelectionFeedback(Callback):
         self.beta = beta
         self.mode = mode
         self.momentum = momentum
+        self.history_weight = history_weight
         self.floor = floor
         self.log_every_n_steps = log_every_n_steps
         self.importance: Tensor | None = None  # running importance share, [N]
@@ -86,7 +96,6 @@ class SelectionFeedback(Callback):
             if self.importance is not None:  # sources were added: old ones keep their share, new ones start fair
                 self.importance = torch.cat([self.importance, self.importance.new_full((n - self.importance.numel(),), 1.0 / n)])
                 self.frequency = torch.cat([self.frequency, self.frequency.new_full((n - self.frequency.numel(),), 1.0 / n)])
-                self.importance /= self.importance.sum()
             else:
                 self.importance = torch.full((n,), 1.0 / n)
                 self.frequency = torch.full((n,), 1.0 / n)
@@ -98,24 +107,21 @@ class SelectionFeedback(Callback):
         if n == 1:
             return gate.sum() * 0.0
         running_imp, running_freq = self._running(n, gate.device)
-        kept = (gate * mask).sum(0)
-        share = kept / kept.sum().clamp_min(1e-12)
-        c = self.momentum * running_imp + (1.0 - self.momentum) * share
-        if self.mode == "cv2":
-            return n * (c**2).sum() - 1.0
         if self.mode == "switch":
-            freq = self.momentum * running_freq + (1.0 - self.momentum) * mask.float().mean(0)
-            return n * (freq.detach() * c).sum()
-        return (torch.relu(self.floor - c) ** 2).sum() / self.floor**2
+            freq = self.history_weight * running_freq + (1.0 - self.history_weight) * mask.float().mean(0)
+            return n * (freq * gate.mean(0)).sum()
+        c = self.history_weight * running_imp + (1.0 - self.history_weight) * _importance(gate, mask).mean(0)
+        if self.mode == "cv2":
+            return c.var(unbiased=False) / c.mean().clamp_min(1e-12) ** 2
+        share = c / c.sum().clamp_min(1e-12)
+        return (torch.relu(self.floor - share) ** 2).sum() / self.floor**2
 
     @torch.no_grad()
     def update(self, gate: Tensor, mask: Tensor) -> None:
         """Fold one batch's selection into the running statistics."""
         n = gate.shape[-1]
         imp, freq = self._running(n, torch.device("cpu"))
-        kept = (gate * mask).float().sum(0).cpu()
-        share = kept / kept.sum().clamp_min(1e-12)
-        self.importance = self.momentum * imp + (1 - self.momentum) * share
+        self.importance = self.momentum * imp + (1 - self.momentum) * _importance(gate, mask).float().mean(0).cpu()
         self.frequency = self.momentum * freq + (1 - self.momentum) * mask.float().mean(0).cpu()
         self.steps += 1
 
@@ -153,3 +159,15 @@ class SelectionFeedback(Callback):
         self.importance = None if imp is None else torch.tensor(imp)
         self.frequency = None if freq is None else torch.tensor(freq)
         self.steps = state_dict.get("steps", 0)
+
+
+def _importance(gate: Tensor, mask: Tensor) -> Tensor:
+    """Per-sample importance ``[B, N]``: the renormalised kept weights in value, the dense gate's in gradient.
+
+    A straight-through estimator: a source that is never kept still gets a gradient through its gate, which a
+    balance loss on ``gate * mask`` alone would not give it (and with one kept source per sample, the renormalised
+    weights are constant, so they give none at all).
+    """
+    kept = gate * mask
+    weights = kept / kept.sum(-1, keepdim=True).clamp_min(1e-12)
+    return weights.detach() + gate - gate.detach()

@@ -142,7 +142,7 @@ class FusionModule(pl.LightningModule):
 
     def build_selector(self) -> Selector:
         h = self.hparams
-        hidden = getattr(self.target.config, "hidden_size", None) or self.target.get_input_embeddings().embedding_dim
+        hidden = getattr(self.target_config, "hidden_size", None) or self.target.get_input_embeddings().embedding_dim
         return Selector(len(self.source_specs), hidden, h.selector_features, h.selector_width, h.top_k, h.threshold)
 
     def build_sources(self) -> list[FrozenSource]:
@@ -287,7 +287,7 @@ class FusionModule(pl.LightningModule):
     def _eval_start(self) -> None:
         names = ["target", *self.source_names]
         keys = [f"{d}|{n}|{m}" for d in self._domains() for n in names for m in ("ce", "acc")]
-        keys += [f"{d}|{n}|share" for d in self._domains() for n in self.source_names]
+        keys += [f"{d}|{n}|{m}" for d in self._domains() for n in self.source_names for m in ("share", "routed")]
         self.eval_metrics = nn.ModuleDict({k: MeanMetric() for k in keys}).to(self.device)
         self.eval_loss = MeanMetric().to(self.device)
 
@@ -314,6 +314,7 @@ class FusionModule(pl.LightningModule):
                 acc = (top1 & r["mask"][b]).sum() / tokens[b].clamp_min(1)
                 self.eval_metrics[f"{d}|{name}|acc"].update(acc, weight=tokens[b])
                 self.eval_metrics[f"{d}|{name}|share"].update(r["selection"].weights[b, i])
+                self.eval_metrics[f"{d}|{name}|routed"].update((r["selection"].weights[b].argmax() == i).float())
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")

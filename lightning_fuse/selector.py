@@ -117,9 +117,9 @@ class Selector(nn.Module):
         self.mlp[-1] = new_out
         if self.features != "hidden":
             old_in: nn.Linear = self.mlp[0]
-            new_in.weight.zero_()
             n_old = self.num_sources  # input columns: [rewards (N) | centred log-rewards (N) | hidden (H)]
             new_in = nn.Linear(old_in.in_features + 2 * extra, old_in.out_features).to(old_in.weight)
+            new_in.weight.zero_()
             new_in.weight.zero_()
             new_in.weight[:, :n_old] = old_in.weight[:, :n_old]
             new_in.weight[:, num_sources : num_sources + n_old] = old_in.weight[:, n_old : 2 * n_old]

@@ -94,3 +94,13 @@ def build_world(root: Path, specialist_steps: int = 150) -> dict[str, str]:
         tok.save_pretrained(root / name)
         paths[name] = str(root / name)
     return paths
+
+
+def world(tmp_path_factory) -> dict[str, str]:
+    """The tiny world, built once per test session (several test modules may ask for it)."""
+    root = tmp_path_factory.getbasetemp() / "tiny_world"
+    names = ["corpus", "tokenizer", "target", "words", "sums", "general", "weak"]
+    if not (root / "done").exists():
+        build_world(root)
+        (root / "done").touch()
+    return {n: str(root / n) for n in names}

@@ -1,0 +1,178 @@
+"""Behaviour of FusionModule on the tiny world: the selector trains, routes, balances, checkpoints and exports."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lightning_fuse import FusionModule, SelectionFeedback, SourceSpec, TextDataModule
+from lightning_fuse.export import export, load_module
+
+
+def make(world, names, **kwargs):
+    kwargs.setdefault("selector_features", "rewards")
+    return FusionModule(target=world["target"], sources=[SourceSpec(n, world[n]) for n in names], **kwargs)
+
+
+def fit(module, world, steps, callbacks=(), seed=0, **trainer_kwargs):
+    pl.seed_everything(seed, verbose=False)
+    dm = TextDataModule(world["corpus"], block_size=32, batch_size=16, seed=seed)
+    trainer_kwargs.setdefault("logger", False)
+    trainer_kwargs.setdefault("enable_checkpointing", False)
+    trainer = pl.Trainer(
+        max_steps=steps, callbacks=list(callbacks), enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, **trainer_kwargs,
+    )
+    trainer.fit(module, dm)
+    trainer.limit_val_batches = 1.0
+    trainer.validate(module, dm, verbose=False)
+    return trainer, module.eval_results
+
+
+def routed(results, pairs):
+    """Share of validation samples whose top-weighted source is the given one, per (domain, source)."""
+    return {d: results[f"val/{d}/{s}_routed"] for d, s in pairs}
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_adaptive_selector_routes_each_domain_to_its_specialist(tiny_world, top_k):
+    module = make(tiny_world, ["words", "sums"], strategy="adaptive", top_k=top_k)
+    _, results = fit(module, tiny_world, steps=80, callbacks=[SelectionFeedback(beta=0.0)])
+    share = routed(results, [("words", "words"), ("sums", "sums")])
+    assert min(share.values()) >= 0.9, share
+
+
+def test_uniform_baseline_does_not_route(tiny_world):
+    module = make(tiny_world, ["words", "sums"], strategy="uniform")
+    _, results = fit(module, tiny_world, steps=10)
+    share = routed(results, [("words", "words"), ("sums", "sums")])
+    assert min(share.values()) < 0.9, share
+
+
+def test_selector_parameters_train_and_restore_exactly_from_checkpoint(tiny_world, tmp_path):
+    module = make(tiny_world, ["words", "sums"], strategy="adaptive", top_k=1)
+    module.configure_model()
+    initial = {k: v.clone() for k, v in module.selector.state_dict().items()}
+    feedback = SelectionFeedback(beta=0.1)
+    trainer, _ = fit(module, tiny_world, steps=15, callbacks=[feedback], default_root_dir=tmp_path)
+    trained = module.selector.state_dict()
+    assert any(not torch.equal(initial[k], trained[k]) for k in initial), "selector did not change"
+    ckpt = tmp_path / "fused.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert not any(k.startswith("sources") for k in torch.load(ckpt, weights_only=False)["state_dict"])
+    restored = FusionModule.load_from_checkpoint(ckpt)
+    for k, v in trained.items():
+        assert torch.equal(restored.selector.state_dict()[k], v), k
+    fresh = SelectionFeedback(beta=0.1)
+    fresh.load_state_dict(torch.load(ckpt, weights_only=False)["callbacks"][feedback.state_key])
+    assert torch.equal(fresh.importance, feedback.importance) and fresh.steps == feedback.steps == 15
+
+
+def test_feedback_loss_has_gradient_wrt_selector(tiny_world):
+    module = make(tiny_world, ["words", "sums", "general"], strategy="adaptive", top_k=1)
+    module.configure_model()
+    feedback = SelectionFeedback(beta=1.0)
+    logits = module.selector(rewards=torch.rand(8, 3))
+    selection = module.selector.select(logits)
+    loss = feedback.loss(selection.gate, selection.mask)
+    loss.backward()
+    grads = [p.grad.abs().sum() for p in module.selector.parameters() if p.grad is not None]
+    assert float(loss) > 0 and sum(grads) > 0
+
+
+def test_feedback_prevents_collapse(tiny_world):
+    """general beats weak on every sample: with beta = 0 the selector collapses onto it; beta > 0 keeps weak in."""
+    floor = 0.1  # every source keeps >= 10% of the validation samples
+    kwargs = dict(strategy="adaptive", top_k=1, selector_features="both", selector_learning_rate=1e-3)
+    _, res0 = fit(make(tiny_world, ["general", "weak"], **kwargs), tiny_world, 100, [SelectionFeedback(beta=0.0)])
+    general0 = (res0["val/words/general_routed"] + res0["val/sums/general_routed"]) / 2
+    assert general0 > 0.95, res0
+    feedback = SelectionFeedback(beta=1.0)
+    _, res1 = fit(make(tiny_world, ["general", "weak"], **kwargs), tiny_world, 100, [feedback])
+    weak1 = (res1["val/words/weak_routed"] + res1["val/sums/weak_routed"]) / 2
+    assert floor < weak1 < 1 - floor, res1
+    assert min(float(x) for x in feedback.frequency) > floor  # the running statistics agree
+
+
+def test_tensorboard_has_selection_histogram_and_scalars(tiny_world, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    module = make(tiny_world, ["words", "sums"], strategy="adaptive", top_k=1)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(module, tiny_world, steps=6, callbacks=[SelectionFeedback(beta=0.1, log_every_n_steps=2)], logger=logger)
+    acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "scalars": 0}).Reload()
+    tags = acc.Tags()
+    assert "selection/chosen" in tags["histograms"]
+    for name in ("words", "sums"):
+        assert f"selection/rate/{name}" in tags["scalars"]
+    assert "val/words/target_ppl" in tags["scalars"]
+
+
+def test_export_reloads_in_plain_transformers_with_same_logits(tiny_world, tmp_path):
+    module = make(tiny_world, ["words", "sums"], strategy="avg_ce")
+    trainer, _ = fit(module, tiny_world, steps=3, default_root_dir=tmp_path)
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    out = export(str(ckpt), str(tmp_path / "exported"))
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, 300, (2, 16))
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=x).logits, module(x).logits)
+        torch.testing.assert_close(load_module(str(ckpt)).target(input_ids=x).logits, hf(input_ids=x).logits)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_missing_source_path(tiny_world):
+    with pytest.raises(ValueError, match=r"source 'ghost': path .* does not exist"):
+        FusionModule(target=tiny_world["target"], sources=[SourceSpec("ghost", "/nonexistent/model")])
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_top_k_out_of_range(tiny_world, k):
+    with pytest.raises(ValueError, match=r"`--model.top_k` must be between 1 and the number of sources \(2\)"):
+        make(tiny_world, ["words", "sums"], top_k=k)
+
+
+def test_source_with_another_vocabulary(tiny_world, tmp_path):
+    from tiny import tiny_llama, train_tokenizer
+
+    tok = train_tokenizer(["completely different text " * 50], vocab_size=280)
+    tok.save_pretrained(tmp_path / "other")
+    tiny_llama(len(tok)).save_pretrained(tmp_path / "other")
+    module = FusionModule(target=tiny_world["target"], sources=[SourceSpec("other", str(tmp_path / "other"))])
+    with pytest.raises(ValueError, match="Source 'other' uses another tokenizer than the target"):
+        module.configure_model()
+
+
+def test_empty_data_folder(tiny_world, tmp_path):
+    dm = TextDataModule(str(tmp_path))
+    module = make(tiny_world, ["words"])
+    dm.connect(module.tokenizer)
+    with pytest.raises(ValueError, match="holds no .txt or .jsonl files"):
+        dm.setup("fit")
+
+
+def test_block_size_beyond_positions(tiny_world):
+    module = make(tiny_world, ["words"])
+    dm = TextDataModule(tiny_world["corpus"], block_size=4096)
+    with pytest.raises(ValueError, match="supports 128 positions. Set `--data.block_size` to at most 128"):
+        dm.connect(module.tokenizer, module.max_seq_length)
+
+
+def test_non_utf8_file_names_file_and_offset(tiny_world, tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"hello \xff world")
+    dm = TextDataModule(str(tmp_path))
+    dm.connect(make(tiny_world, ["words"]).tokenizer)
+    with pytest.raises(ValueError, match=r"bad.txt is not UTF-8 \(invalid byte at offset 6\)"):
+        dm.setup("fit")
+
+
+def test_nan_loss_stops_with_cause(tiny_world):
+    module = make(tiny_world, ["words", "sums"], strategy="uniform")
+    module.configure_model()
+    with torch.no_grad():
+        module.target.get_input_embeddings().weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite training loss at step 0"):
+        fit(module, tiny_world, steps=2)

@@ -28,10 +28,11 @@ def _export_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of ``lightning-fuse``; ``argv`` defaults to the command line."""
+    args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if argv and argv[0] == "export":
-        _export_main(argv[1:])
+    if args and args[0] == "export":
+        _export_main(args[1:])
         return
     FuseCLI(FusionModule, TextDataModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
             save_config_kwargs={"overwrite": True})

@@ -26,11 +26,28 @@ def load_module(ckpt: str, load_sources: bool = False):
         raise ValueError(f"`--ckpt` {ckpt!r} could not be read ({type(err).__name__}: {err}). Is it complete?") from err
     if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"`--ckpt` {ckpt!r} is not a lightning-fuse checkpoint (no hyper_parameters/state_dict).")
-    module = FusionModule(**checkpoint["hyper_parameters"])
+    hparams = dict(checkpoint["hyper_parameters"])
+    cls = _module_class(hparams.pop("_class_path", None)) or FusionModule
+    module = cls(**{k: v for k, v in hparams.items() if not k.startswith("_")})
     module.load_sources = load_sources
     module.configure_model()
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
+
+
+def _module_class(class_path: str | None):
+    """The (sub)class of FusionModule that LightningCLI recorded in the checkpoint, if any."""
+    if not class_path:
+        return None
+    import importlib
+
+    from lightning_fuse.module import FusionModule
+
+    module_name, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name)
+    if not (isinstance(cls, type) and issubclass(cls, FusionModule)):
+        raise TypeError(f"The checkpoint's model class {class_path!r} is not a FusionModule.")
+    return cls
 
 
 def export(ckpt: str, out: str, dtype: str | None = None) -> Path:

@@ -19,20 +19,32 @@ class FuseCLI(LightningCLI):
                                                 "init_args": {"save_dir": "runs", "name": "fuse"}}})
 
 
-def _export_main(argv: list[str]) -> None:
+# Subcommands besides LightningCLI's fit/validate/test/predict: name -> "module:function". Each function's typed
+# signature is its command line (jsonargparse), its docstring's ``Args:`` the ``--help``.
+COMMANDS = {
+    "export": "lightning_fuse.export:export",
+    "merge": "lightning_fuse.merge:merge_models",
+    "precompute": "lightning_fuse.precompute:precompute",
+    "generate": "lightning_fuse.generate:generate",
+    "evaluate": "lightning_fuse.evaluation:evaluate",
+}
+
+
+def _run_command(name: str, argv: list[str]) -> None:
+    import importlib
+
     from jsonargparse import auto_cli
 
-    from lightning_fuse.export import export
-
-    auto_cli(export, args=argv, as_positional=False)
+    module_name, func = COMMANDS[name].split(":")
+    auto_cli(getattr(importlib.import_module(module_name), func), args=argv, as_positional=False)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``lightning-fuse``; ``argv`` defaults to the command line."""
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if args and args[0] == "export":
-        _export_main(args[1:])
+    if args and args[0] in COMMANDS:
+        _run_command(args[0], args[1:])
         return
     FuseCLI(FusionModule, TextDataModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
             save_config_kwargs={"overwrite": True})

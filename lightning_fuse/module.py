@@ -78,6 +78,8 @@ class FusionModule(pl.LightningModule):
         weight_decay: AdamW weight decay of the target.
         warmup_steps: linear learning-rate warm-up steps.
         on_nonfinite: what a NaN/inf loss does: ``stop`` (raise, naming the step and the part) or ``skip_batch``.
+        offline: read the sources' top-k outputs from the batch (``batch["cached"]``, see ``lightning-fuse
+            precompute``) instead of loading and running the sources.
         trust_remote_code: allow code shipped with the target/tokenizer.
     """
 
@@ -101,6 +103,7 @@ class FusionModule(pl.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         on_nonfinite: Literal["stop", "skip_batch"] = "stop",
+        offline: bool = False,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -115,7 +118,7 @@ class FusionModule(pl.LightningModule):
         self.target: nn.Module | None = None
         self.selector: Selector | None = None
         self.sources: list[FrozenSource] = []  # plain list: not a submodule, never in state_dict/optimizer
-        self.load_sources = True  # export and evaluation of the target alone set this to False
+        self.load_sources = not offline  # export and evaluation of the target alone set this to False
 
     # ----------------------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -171,7 +174,15 @@ class FusionModule(pl.LightningModule):
         return self.target(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def run_sources(self, batch: dict[str, Tensor]) -> list[SourceOutput]:
-        """Each source's sparse output on this batch (frozen, no grad)."""
+        """Each source's sparse output on this batch (frozen, no grad), from the sources or from the offline cache.
+
+        An offline batch carries ``batch["cached"][name]`` = ``{"ids": [B, L, k], "logprobs": [B, L, k],
+        "gold_logprob": [B, L], "ce": [B]}`` for every source.
+        """
+        if "cached" in batch:
+            return [self._cached_output(batch["cached"], name) for name in self.source_names]
+        if self.hparams.offline:
+            raise ValueError("`--model.offline true` needs batches with cached source outputs: use the cache DataModule.")
         vocab = self.target.get_output_embeddings().weight.shape[0]
         outputs = []
         for source in self.sources:
@@ -181,6 +192,15 @@ class FusionModule(pl.LightningModule):
                 self._nonfinite(f"source {source.name!r} produced NaN/inf log-probs")
             outputs.append(out)
         return outputs
+
+    def _cached_output(self, cached: dict[str, dict[str, Tensor]], name: str) -> SourceOutput:
+        if name not in cached:
+            raise KeyError(f"The offline cache has no source {name!r} (it has {sorted(cached)}). Rerun precompute.")
+        c = cached[name]
+        out = SourceOutput(SparseDist(c["ids"].long(), c["logprobs"].float()), c["gold_logprob"].float(), c["ce"].float())
+        if not torch.isfinite(out.ce).all():
+            self._nonfinite(f"cached outputs of source {name!r} hold NaN/inf")
+        return out
 
     def selector_features(self, outputs: list[SourceOutput], hidden: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         """Selector inputs: rewards exp(-CE_k) ``[B, N]`` and the mean-pooled, detached target hidden state ``[B, H]``."""

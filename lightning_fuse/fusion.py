@@ -180,16 +180,25 @@ def distill_loss(
     return (per_pos * mask).sum() / count.clamp_min(1) * temperature**2
 
 
-def mixture_nll(gold_logprobs: Tensor, gate: Tensor, mask: Tensor) -> Tensor:
+def mixture_nll(gold_logprobs: Tensor, gate: Tensor, mask: Tensor, available: Tensor | None = None) -> Tensor:
     """Selector objective: mean over gold tokens of ``-log sum_k g_k P_k(y_t)``.
 
     Args:
         gold_logprobs: ``[B, N, L]`` each source's log-probability of the gold next token.
         gate: ``[B, N]`` selector probabilities (rows sum to 1; gradient flows into them).
         mask: ``[B, L]`` positions with a gold next token.
+        available: ``[B, N]`` bool, the sources that ran on each row (routed mode); the gate is renormalised
+            over them, so a row where one source ran teaches nothing and one where several ran compares them.
 
     The dense mixture (not the top-K renormalised weights) is used so that the selector gets a gradient for
     every source on every sample, also with K = 1 where the renormalised weight is identically 1.
     """
-    mix = torch.logsumexp(gold_logprobs + gate.clamp_min(_EPS).log().unsqueeze(-1), dim=1)
+    if available is not None:
+        gate = gate * available
+        gate = gate / gate.sum(-1, keepdim=True).clamp_min(_EPS)
+        gold_logprobs = gold_logprobs.masked_fill(~available.unsqueeze(-1), float("-inf"))
+    log_gate = gate.clamp_min(_EPS).log()
+    if available is not None:
+        log_gate = log_gate.masked_fill(~available, float("-inf"))
+    mix = torch.logsumexp(gold_logprobs + log_gate.unsqueeze(-1), dim=1)
     return -(mix * mask).sum() / mask.sum().clamp_min(1)

@@ -80,6 +80,11 @@ class FusionModule(pl.LightningModule):
         on_nonfinite: what a NaN/inf loss does: ``stop`` (raise, naming the step and the part) or ``skip_batch``.
         offline: read the sources' top-k outputs from the batch (``batch["cached"]``, see ``lightning-fuse
             precompute``) instead of loading and running the sources.
+        routing: ``after_sources`` runs every source, then selects (the selector may use their rewards);
+            ``before_sources`` selects from the target's hidden states first and runs each source only on the
+            sequences that kept it, so the cost grows with K, not N (needs ``selector_features: hidden``).
+        explore: with ``before_sources``, the share of training sequences that also run one random unselected
+            source, so the selector can compare sources it did not pick (its learning signal; not distilled).
         trust_remote_code: allow code shipped with the target/tokenizer.
     """
 
@@ -104,11 +109,14 @@ class FusionModule(pl.LightningModule):
         warmup_steps: int = 0,
         on_nonfinite: Literal["stop", "skip_batch"] = "stop",
         offline: bool = False,
+        routing: Literal["after_sources", "before_sources"] = "after_sources",
+        explore: float = 0.1,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         specs = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in (sources or [])]
         _validate(specs, strategy, top_k, threshold, clm_weight, distill_loss, temperature, distill_top_k, on_nonfinite)
+        _validate_routing(routing, strategy, selector_features, explore)
         self.save_hyperparameters(ignore=["sources"])
         self.hparams["sources"] = [asdict(s) for s in specs]  # plain dicts: checkpoints need no pickled classes
         self.source_specs = specs
@@ -173,10 +181,11 @@ class FusionModule(pl.LightningModule):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
         return self.target(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def run_sources(self, batch: dict[str, Tensor]) -> list[SourceOutput]:
+    def run_sources(self, batch: dict[str, Tensor], rows: Tensor | None = None) -> list[SourceOutput]:
         """Each source's sparse output on this batch (frozen, no grad), from the sources or from the offline cache.
 
-        An offline batch carries ``batch["cached"][name]`` = ``{"ids": [B, L, k], "logprobs": [B, L, k],
+        ``rows`` (``[B, N]`` bool) runs source k only on the sequences with ``rows[:, k]`` (routed mode); the
+        other rows get an empty distribution, gold log-prob -inf and CE NaN. An offline batch carries ``batch["cached"][name]`` = ``{"ids": [B, L, k], "logprobs": [B, L, k],
         "gold_logprob": [B, L], "ce": [B]}`` for every source.
         """
         if "cached" in batch:
@@ -184,11 +193,20 @@ class FusionModule(pl.LightningModule):
         if self.hparams.offline:
             raise ValueError("`--model.offline true` needs batches with cached source outputs: use the cache DataModule.")
         vocab = self.target.get_output_embeddings().weight.shape[0]
+        k = self.hparams.distill_top_k
         outputs = []
-        for source in self.sources:
+        for i, source in enumerate(self.sources):
             source.to(self.device)
-            out = source.forward(batch["input_ids"], batch["attention_mask"], batch["labels"], self.hparams.distill_top_k, vocab)
-            if not torch.isfinite(out.ce).all():
+            idx = None if rows is None else rows[:, i].nonzero().squeeze(-1)
+            if idx is None or idx.numel() == rows.shape[0]:
+                out = source.forward(batch["input_ids"], batch["attention_mask"], batch["labels"], k, vocab)
+            else:
+                sub = None
+                if idx.numel() > 0:
+                    sub = source.forward(batch["input_ids"][idx], batch["attention_mask"][idx], batch["labels"][idx], k, vocab)
+                out = _scatter_rows(sub, idx, batch["input_ids"].shape, k)
+            ran = slice(None) if idx is None else idx
+            if not torch.isfinite(out.ce[ran]).all():
                 self._nonfinite(f"source {source.name!r} produced NaN/inf log-probs")
             outputs.append(out)
         return outputs
@@ -206,8 +224,20 @@ class FusionModule(pl.LightningModule):
         """Selector inputs: rewards exp(-CE_k) ``[B, N]`` and the mean-pooled, detached target hidden state ``[B, H]``."""
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden.detach() * m).sum(1) / m.sum(1).clamp_min(1)
+        if not outputs:  # routed: the sources have not run yet
+            return {"hidden": pooled}
         rewards = torch.exp(-torch.stack([o.ce for o in outputs], dim=-1))
         return {"rewards": rewards, "hidden": pooled}
+
+    def _exploration(self, kept: Tensor) -> Tensor:
+        """``[B, N]``: for a share ``explore`` of the rows, one random source that was not kept."""
+        b, n = kept.shape
+        if self.hparams.explore <= 0 or kept.all():
+            return torch.zeros_like(kept)
+        rows = torch.rand(b, device=kept.device) < self.hparams.explore
+        scores = torch.rand(b, n, device=kept.device).masked_fill(kept, -1.0)
+        pick = torch.zeros_like(kept).scatter_(-1, scores.argmax(-1, keepdim=True), True)
+        return pick & rows.unsqueeze(-1) & ~kept
 
     def fusion_weights(self, outputs: list[SourceOutput], features: dict[str, Tensor]) -> Selection:
         """Per-sequence fusion weights; for fixed strategies the 'gate' is the weights themselves."""
@@ -237,9 +267,16 @@ class FusionModule(pl.LightningModule):
         if not run_sources:
             result["loss"] = clm
             return result
-        outputs = self.run_sources(batch)
-        features = self.selector_features(outputs, out.hidden_states[-1], batch["attention_mask"])
-        selection = self.fusion_weights(outputs, features)
+        ran = None
+        if h.routing == "before_sources":  # decide first, then run only the kept sources (+ exploration)
+            features = self.selector_features([], out.hidden_states[-1], batch["attention_mask"])
+            selection = self.fusion_weights([], features)
+            ran = selection.mask | (self._exploration(selection.mask) if stage == "train" else False)
+            outputs = self.run_sources(batch, ran)
+        else:
+            outputs = self.run_sources(batch)
+            features = self.selector_features(outputs, out.hidden_states[-1], batch["attention_mask"])
+            selection = self.fusion_weights(outputs, features)
         result.update(source_ce=torch.stack([o.ce for o in outputs], -1), selection=selection, outputs=outputs)
         if h.strategy == "clm":
             result["loss"] = clm
@@ -250,7 +287,7 @@ class FusionModule(pl.LightningModule):
         result["kd"] = kd
         if h.strategy == "adaptive":
             gold_lp = torch.stack([o.gold_logprob for o in outputs], dim=1)
-            result["selector_loss"] = mixture_nll(gold_lp, selection.gate, mask)
+            result["selector_loss"] = mixture_nll(gold_lp, selection.gate, mask, available=ran)
             loss = loss + result["selector_loss"]
             feedback = self.feedback
             if feedback is not None and stage == "train" and feedback.beta > 0:
@@ -329,12 +366,14 @@ class FusionModule(pl.LightningModule):
             acc = r["target_correct"][b].sum() / tokens[b].clamp_min(1)
             self.eval_metrics[f"{d}|target|acc"].update(acc, weight=tokens[b])
             for i, name in enumerate(self.source_names if "source_ce" in r else []):
+                self.eval_metrics[f"{d}|{name}|share"].update(r["selection"].weights[b, i])
+                self.eval_metrics[f"{d}|{name}|routed"].update((r["selection"].weights[b].argmax() == i).float())
+                if torch.isnan(r["source_ce"][b, i]):  # routed mode: this source did not run on this row
+                    continue
                 self.eval_metrics[f"{d}|{name}|ce"].update(r["source_ce"][b, i], weight=tokens[b])
                 top1 = r["outputs"][i].dist.ids[b, :, 0] == batch["labels"][b].roll(-1)
                 acc = (top1 & r["mask"][b]).sum() / tokens[b].clamp_min(1)
                 self.eval_metrics[f"{d}|{name}|acc"].update(acc, weight=tokens[b])
-                self.eval_metrics[f"{d}|{name}|share"].update(r["selection"].weights[b, i])
-                self.eval_metrics[f"{d}|{name}|routed"].update((r["selection"].weights[b].argmax() == i).float())
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")
@@ -372,6 +411,40 @@ class FusionModule(pl.LightningModule):
         warmup = max(h.warmup_steps, 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _scatter_rows(sub: SourceOutput | None, idx: Tensor, shape: torch.Size, k: int) -> SourceOutput:
+    """A full-batch SourceOutput from one computed on the rows ``idx``; other rows are empty (ids -1, CE NaN)."""
+    b, length = shape
+    device = idx.device
+    ids = torch.full((b, length, k), -1, dtype=torch.long, device=device)
+    logprobs = torch.full((b, length, k), float("-inf"), device=device)
+    gold = torch.full((b, length), float("-inf"), device=device)
+    ce = torch.full((b,), float("nan"), device=device)
+    if sub is not None:
+        kk = sub.dist.ids.shape[-1]
+        ids[idx, :, :kk] = sub.dist.ids
+        logprobs[idx, :, :kk] = sub.dist.logprobs
+        gold[idx] = sub.gold_logprob
+        ce[idx] = sub.ce
+    return SourceOutput(SparseDist(ids, logprobs), gold, ce)
+
+
+def _validate_routing(routing: str, strategy: str, features: str, explore: float) -> None:
+    problems = []
+    if routing not in ("after_sources", "before_sources"):
+        problems.append(f"`--model.routing` can be after_sources, before_sources, got {routing!r}.")
+    if routing == "before_sources" and strategy != "adaptive":
+        problems.append(f"`--model.routing before_sources` needs `--model.strategy adaptive`, got {strategy!r}.")
+    if routing == "before_sources" and features != "hidden":
+        problems.append(
+            "`--model.routing before_sources` decides before the sources run, so it cannot use their rewards: "
+            f"set `--model.selector_features hidden` (got {features!r})."
+        )
+    if not 0.0 <= explore <= 1.0:
+        problems.append(f"`--model.explore` must be between 0 and 1, got {explore}.")
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 def _validate(

@@ -162,6 +162,7 @@ class FrozenSource:
         self.tokenizer = tokenizer
         self.quantized = quantized
         self.aligner = None  # set when the source's tokenizer differs from the target's
+        self.rows_forwarded = 0  # sequences this source has run on (routed mode runs fewer)
 
     @classmethod
     def load(cls, spec: SourceSpec, device: torch.device) -> FrozenSource:
@@ -190,6 +191,7 @@ class FrozenSource:
     @torch.no_grad()
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, top_k: int, vocab_size: int) -> SourceOutput:
         """Top-k distributions, gold log-probs and per-sequence CE on the target's positions and vocabulary."""
+        self.rows_forwarded += input_ids.shape[0]
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         if logits.shape[-1] > vocab_size:  # padded embedding rows beyond the shared tokenizer's ids
             logits = logits[..., :vocab_size]

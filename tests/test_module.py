@@ -176,3 +176,29 @@ def test_nan_loss_stops_with_cause(tiny_world):
         module.target.get_input_embeddings().weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite training loss at step 0"):
         fit(module, tiny_world, steps=2)
+
+
+# ----------------------------------------------------------------------------------------------- routed mode
+def test_routed_mode_runs_only_selected_sources(tiny_world):
+    module = make(tiny_world, ["words", "sums", "general"], strategy="adaptive", top_k=1, routing="before_sources",
+                  selector_features="hidden", explore=0.0)
+    fit(module, tiny_world, steps=5)
+    rows = sum(s.rows_forwarded for s in module.sources)
+    train_rows = 5 * 16
+    val_rows = len(module.trainer.datamodule.val_set)
+    assert rows == train_rows + val_rows  # K = 1: one source forward per sequence, not N = 3
+
+
+def test_routed_mode_learns_to_route_with_exploration(tiny_world):
+    module = make(tiny_world, ["words", "sums"], strategy="adaptive", top_k=1, routing="before_sources",
+                  selector_features="hidden", explore=0.5, selector_learning_rate=3e-3)
+    _, results = fit(module, tiny_world, steps=80)
+    share = routed(results, [("words", "words"), ("sums", "sums")])
+    assert min(share.values()) >= 0.9, share
+    explored = sum(s.rows_forwarded for s in module.sources) - 80 * 16 - len(module.trainer.datamodule.val_set)
+    assert 0 < explored < 80 * 16  # exploration ran extra sources on part of the rows only
+
+
+def test_routed_mode_needs_hidden_features(tiny_world):
+    with pytest.raises(ValueError, match="set `--model.selector_features hidden`"):
+        make(tiny_world, ["words", "sums"], routing="before_sources", selector_features="rewards")

@@ -138,10 +138,34 @@ class FusionModule(pl.LightningModule):
                     f"The target's embedding has {self.target.get_input_embeddings().num_embeddings} rows but its "
                     f"tokenizer has {len(self.tokenizer)} tokens. Use the tokenizer the target was trained with."
                 )
-        if self.selector is None and self.sources_needed:
+        if self.selector is None and self.sources_needed and self.hparams.strategy == "adaptive":
             self.selector = self.build_selector()
         if self.load_sources and self.sources_needed and not self.sources:
             self.sources = self.build_sources()
+        self._shard()
+
+    def _shard(self) -> None:
+        """FSDP2 under ``ModelParallelStrategy``: shard each decoder layer, then the target and the selector.
+
+        The frozen sources are not sharded: each process holds its own (8-bit on CUDA) copy.
+        """
+        if self._trainer is None or getattr(self, "_sharded", False):
+            return
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        layer_names = set(getattr(self.target, "_no_split_modules", None) or [])
+        for submodule in self.target.modules():
+            if type(submodule).__name__ in layer_names:
+                fully_shard(submodule, mesh=mesh)
+        fully_shard(self.target, mesh=mesh)
+        if self.selector is not None:
+            fully_shard(self.selector, mesh=mesh)
+        self._sharded = True
 
     @property
     def sources_needed(self) -> bool:

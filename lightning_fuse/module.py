@@ -201,6 +201,35 @@ class FusionModule(pl.LightningModule):
             return self.trainer.strategy.root_device
         return self.device
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume with more sources than the checkpoint was trained with: the selector grows.
+
+        The old sources (which must come first, in the same order) keep their learned scores; each new one starts
+        neutral (the mean of the old output rows). The selector's optimizer state restarts; the target's is kept.
+        """
+        old_names = [s["name"] for s in checkpoint.get("hyper_parameters", {}).get("sources", [])]
+        state = checkpoint.get("state_dict", {})
+        if "selector.mlp.2.weight" not in state or self.selector is None or old_names == self.source_names:
+            return
+        if self.source_names[: len(old_names)] != old_names:
+            raise ValueError(
+                f"The checkpoint was trained with sources {old_names}; now declared: {self.source_names}. To add "
+                "sources, keep the old ones first and in the same order, and append the new ones."
+            )
+        h = self.hparams
+        old = Selector(len(old_names), self.target_config.hidden_size, h.selector_features, h.selector_width, 1)
+        old.load_state_dict({k.removeprefix("selector."): v for k, v in state.items() if k.startswith("selector.")})
+        old.grow(len(self.source_names))
+        state.update({f"selector.{k}": v for k, v in old.state_dict().items()})
+        selector_ids = {id(p) for p in self.selector.parameters()}
+        params = [p for group in self._param_groups() for p in group["params"]]  # the optimizer's param order
+        for opt in checkpoint.get("optimizer_states", []):
+            for index, p in enumerate(params):
+                if id(p) in selector_ids:
+                    opt["state"].pop(index, None)
+        log.info("selector grown from %d to %d sources (new: %s)", len(old_names), len(self.source_names),
+                 self.source_names[len(old_names):])
+
     # ----------------------------------------------------------------------------------------------- steps
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
         return self.target(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -422,12 +451,18 @@ class FusionModule(pl.LightningModule):
         self.eval_results = results
 
     # ----------------------------------------------------------------------------------------------- optimizer
-    def configure_optimizers(self) -> Any:
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: the target's trainable parameters, then the selector's (never the sources')."""
         h = self.hparams
         target_params = [p for p in self.target.parameters() if p.requires_grad]
         groups = [{"params": target_params, "lr": h.learning_rate, "weight_decay": h.weight_decay}]
         if self.selector is not None and h.strategy == "adaptive":
             groups.append({"params": list(self.selector.parameters()), "lr": h.selector_learning_rate, "weight_decay": 0.0})
+        return groups
+
+    def configure_optimizers(self) -> Any:
+        h = self.hparams
+        groups = self._param_groups()
         trainable = sum(p.numel() for g in groups for p in g["params"])
         frozen = sum(p.numel() for s in self.sources for p in s.model.parameters())
         log.info("trainable parameters: %s (target + selector); frozen source parameters: %s", f"{trainable:,}", f"{frozen:,}")

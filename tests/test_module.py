@@ -14,7 +14,7 @@ def make(world, names, **kwargs):
     return FusionModule(target=world["target"], sources=[SourceSpec(n, world[n]) for n in names], **kwargs)
 
 
-def fit(module, world, steps, callbacks=(), seed=0, **trainer_kwargs):
+def fit(module, world, steps, callbacks=(), seed=0, ckpt_path=None, **trainer_kwargs):
     pl.seed_everything(seed, verbose=False)
     dm = TextDataModule(world["corpus"], block_size=32, batch_size=16, seed=seed)
     trainer_kwargs.setdefault("logger", False)
@@ -23,7 +23,7 @@ def fit(module, world, steps, callbacks=(), seed=0, **trainer_kwargs):
         max_steps=steps, callbacks=list(callbacks), enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, **trainer_kwargs,
     )
-    trainer.fit(module, dm)
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
     trainer.limit_val_batches = 1.0
     trainer.validate(module, dm, verbose=False)
     return trainer, module.eval_results
@@ -202,3 +202,49 @@ def test_routed_mode_learns_to_route_with_exploration(tiny_world):
 def test_routed_mode_needs_hidden_features(tiny_world):
     with pytest.raises(ValueError, match="set `--model.selector_features hidden`"):
         make(tiny_world, ["words", "sums"], routing="before_sources", selector_features="rewards")
+
+
+# ----------------------------------------------------------------------------------------------- adding a source
+def test_resume_with_an_added_source_grows_the_selector(tiny_world, tmp_path):
+    two = make(tiny_world, ["words", "sums"], strategy="adaptive", top_k=1)
+    trainer, _ = fit(two, tiny_world, steps=30, callbacks=[SelectionFeedback(beta=0.0)])
+    ckpt = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(ckpt)
+    old_out = two.selector.mlp[-1].weight.detach().clone()
+
+    three = make(tiny_world, ["words", "sums", "weak"], strategy="adaptive", top_k=1)
+    feedback = SelectionFeedback(beta=0.0)
+    _, results = fit(three, tiny_world, steps=32, callbacks=[feedback], ckpt_path=str(ckpt))
+    assert three.selector.num_sources == 3 and len(feedback.frequency) == 3
+    assert three.global_step == 32  # training continued from step 30
+    # the grown selector still routes the old domains to their specialists
+    assert min(routed(results, [("words", "words"), ("sums", "sums")]).values()) >= 0.9, results
+    assert old_out.shape == (2, three.selector.mlp[-1].weight.shape[1])
+
+
+def test_selector_grow_keeps_old_scores_and_starts_new_neutral():
+    from lightning_fuse.selector import Selector
+
+    sel = Selector(2, hidden_size=8, features="both", top_k=1)
+    rewards, hidden = torch.rand(4, 2), torch.randn(4, 8)
+    before = sel(rewards=rewards, hidden=hidden)
+    sel.grow(3)
+    after = sel(rewards=torch.cat([rewards, torch.zeros(4, 1)], -1), hidden=hidden)
+    # the new source's reward is 0: centred log-rewards of the old ones shift, so compare the hidden-only path
+    only_hidden = Selector(2, hidden_size=8, features="hidden", top_k=1)
+    h_before = only_hidden(hidden=hidden)
+    only_hidden.grow(3)
+    h_after = only_hidden(hidden=hidden)
+    torch.testing.assert_close(h_after[:, :2], h_before)
+    torch.testing.assert_close(h_after[:, 2], h_before.mean(-1))
+    assert after.shape == (4, 3) and before.shape == (4, 2)
+
+
+def test_reordered_sources_on_resume_are_refused(tiny_world, tmp_path):
+    two = make(tiny_world, ["words", "sums"], strategy="adaptive", top_k=1)
+    trainer, _ = fit(two, tiny_world, steps=2)
+    ckpt = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(ckpt)
+    swapped = make(tiny_world, ["sums", "words", "weak"], strategy="adaptive", top_k=1)
+    with pytest.raises(ValueError, match="keep the old ones first and in the same order"):
+        fit(swapped, tiny_world, steps=4, ckpt_path=str(ckpt))

@@ -85,6 +85,8 @@ class FusionModule(pl.LightningModule):
             sequences that kept it, so the cost grows with K, not N (needs ``selector_features: hidden``).
         explore: with ``before_sources``, the share of training sequences that also run one random unselected
             source, so the selector can compare sources it did not pick (its learning signal; not distilled).
+        alignment_cache_dir: where vocabulary maps between a source's and the target's tokenizers are cached
+            (built once per tokenizer pair); None = no cache. Same-tokenizer sources skip alignment entirely.
         trust_remote_code: allow code shipped with the target/tokenizer.
     """
 
@@ -110,6 +112,7 @@ class FusionModule(pl.LightningModule):
         on_nonfinite: Literal["stop", "skip_batch"] = "stop",
         offline: bool = False,
         routing: Literal["after_sources", "before_sources"] = "after_sources",
+        alignment_cache_dir: str | None = "~/.cache/lightning_fuse/vocab_maps",
         explore: float = 0.1,
         trust_remote_code: bool = False,
     ) -> None:
@@ -188,11 +191,7 @@ class FusionModule(pl.LightningModule):
         for spec in self.source_specs:
             source = FrozenSource.load(spec, device)
             if tokenizer_fingerprint(source.tokenizer) != target_fp:
-                raise ValueError(
-                    f"Source {spec.name!r} uses another tokenizer than the target ({len(source.tokenizer)} vs "
-                    f"{len(self.tokenizer)} tokens). Cross-tokenizer alignment is not available in this version: "
-                    "give the source the target's tokenizer or pick a source from the same family."
-                )
+                source.attach_aligner(self.tokenizer, self.hparams.alignment_cache_dir)
             sources.append(source)
         return sources
 
@@ -356,26 +355,65 @@ class FusionModule(pl.LightningModule):
         return next((c for c in self.trainer.callbacks if isinstance(c, SelectionFeedback)), None)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
-        r = self._step(batch, "train")
-        parts = {k: r[k] for k in ("clm", "kd", "selector_loss", "feedback") if k in r}
-        if not torch.isfinite(r["loss"]):
-            bad = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-            return self._nonfinite(f"non-finite training loss at step {self.global_step}, batch {batch_idx} ({bad})")
-        bs = batch["input_ids"].shape[0]
-        self.log("train/loss", r["loss"], prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
-        ret: dict[str, Any] = {"loss": r["loss"]}
-        if "selection" in r:
-            ret.update(selection_gate=r["selection"].gate.detach(), selection_mask=r["selection"].mask.detach())
-        return ret
+        """One training step; NaN/inf in a source's output or in the loss follows ``on_nonfinite``.
+
+        ``stop`` raises ``FloatingPointError`` naming the source or the loss parts, the step and the batch index.
+        ``skip_batch`` on one process returns None (no backward, no optimizer update). Under DDP/FSDP the processes
+        agree through an all-reduce of the fault flag, and all of them return a zero loss (zero gradients): the
+        batch contributes nothing, but AdamW still applies its momentum and weight decay for that step.
+        """
+        self._fault_context = f"step {self.global_step}, batch {batch_idx}"
+        try:
+            r = self._step(batch, "train")
+            parts = {k: r[k] for k in ("clm", "kd", "selector_loss", "feedback") if k in r}
+            fault = None
+            for name, out in zip(self.source_names, r.get("outputs") or []):
+                lp = out.dist.logprobs[out.dist.ids >= 0]  # -1 = empty slot (a row the source did not run on)
+                if torch.isnan(lp).any() or torch.isposinf(lp).any():
+                    fault = f"source {name!r} produced NaN/inf log-probs"
+                    break
+            if fault is None and not torch.isfinite(r["loss"]):
+                bad = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+                fault = f"non-finite training loss at {self._fault_context} ({bad})"
+            distributed = self.trainer.world_size > 1
+            if distributed and self.hparams.on_nonfinite == "skip_batch":  # every process must take the same path
+                flag = torch.tensor(0.0 if fault is None else 1.0, device=self.device)
+                if float(self.trainer.strategy.reduce(flag, reduce_op="sum")) > 0 and fault is None:
+                    fault = "NaN/inf on another process"
+            if fault is not None:
+                self._nonfinite(fault)  # raises with on_nonfinite=stop
+                if not distributed:
+                    return None
+                zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+                return {"loss": zero}
+            bs = batch["input_ids"].shape[0]
+            self.log("train/loss", r["loss"], prog_bar=True, batch_size=bs)
+            self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
+            ret: dict[str, Any] = {"loss": r["loss"]}
+            if "selection" in r:
+                ret.update(selection_gate=r["selection"].gate.detach(), selection_mask=r["selection"].mask.detach())
+            return ret
+        finally:
+            self._fault_context = None
 
     def _nonfinite(self, message: str) -> None:
+        """Report NaN/inf (with the step and batch index during training): raise (``stop``) or warn once per batch."""
+        context = getattr(self, "_fault_context", None)
+        if context and context not in message:
+            message = f"{message} at {context}"
         if self.hparams.on_nonfinite == "stop":
-            raise FloatingPointError(
-                f"{message}. Lower the learning rate, check the sources and data, or set "
-                "`--model.on_nonfinite skip_batch` to skip such batches."
+            fix = (
+                "check that source (its weights; float16 can overflow: use bfloat16 or float32)"
+                if message.startswith(("source", "cached"))
+                else "lower the learning rate or check the data"
             )
-        log.warning("%s: batch skipped (on_nonfinite=skip_batch)", message)
+            raise FloatingPointError(
+                f"{message}. To fix: {fix}, or set `--model.on_nonfinite skip_batch` to skip such batches; "
+                "resume from the last checkpoint (it holds the last finite state)."
+            )
+        if context is None or getattr(self, "_fault_reported", None) != context:
+            log.warning("%s: batch skipped (on_nonfinite=skip_batch)", message)
+            self._fault_reported = context
         return None
 
     # ----------------------------------------------------------------------------------------------- evaluation
@@ -446,6 +484,9 @@ class FusionModule(pl.LightningModule):
             results[f"{stage}/{domain}/{name}_{kind}"] = value
             if kind == "ce":
                 results[f"{stage}/{domain}/{name}_ppl"] = math.exp(min(value, 50.0))
+        for source in self.sources:
+            if source.aligner is not None:
+                results[f"align/rate/{source.name}"] = source.alignment_rate
         self.log_dict(results, sync_dist=False)
         self.log(f"{stage}/loss", self.eval_loss.compute(), prog_bar=True)
         self.eval_results = results
@@ -516,9 +557,18 @@ def _validate(
     temperature: float,
     distill_top_k: int,
     on_nonfinite: str,
+    target: str | None = None,
+    tokenizer: str | None = None,
 ) -> None:
-    """Collect every problem with the module's arguments and raise once."""
+    """Collect every problem with the module's arguments and raise once (one line per problem)."""
+
+    def missing(path: str) -> bool:  # a local-looking path that does not exist (anything else may be a hub id)
+        return (path.startswith((".", "/", "~")) or path.count("/") > 1) and not os.path.exists(path)
+
     problems = []
+    for value, flag in ((target, "target"), (tokenizer, "tokenizer")):
+        if value is not None and missing(resolve_path(value)):
+            problems.append(f"`--model.{flag}` path {resolve_path(value)!r} does not exist. Fix the path or give a hub id.")
     if strategy not in STRATEGIES:
         problems.append(f"`--model.strategy` can be {', '.join(STRATEGIES)}, got {strategy!r}.")
     if not specs and strategy != "clm":
@@ -535,16 +585,23 @@ def _validate(
         problems.append(f"`--model.clm_weight` (lambda) must be between 0 and 1, got {clm_weight}.")
     if kind not in DISTILL_LOSSES:
         problems.append(f"`--model.distill_loss` can be {', '.join(DISTILL_LOSSES)}, got {kind!r}.")
-    if temperature <= 0:
+    if not temperature > 0:
         problems.append(f"`--model.temperature` must be > 0, got {temperature}.")
     if distill_top_k < 1:
         problems.append(f"`--model.distill_top_k` must be >= 1, got {distill_top_k}.")
     if on_nonfinite not in ("stop", "skip_batch"):
         problems.append(f"`--model.on_nonfinite` can be stop, skip_batch, got {on_nonfinite!r}.")
-    for spec in specs:
+    for i, spec in enumerate(specs):
+        if not spec.name or not str(spec.name).strip():
+            problems.append(f"source #{i + 1} has an empty name. Give every entry of `--model.sources` a `name`.")
         path = resolve_path(spec.path)
-        if path.startswith((".", "/", "~")) and not os.path.exists(path):
+        if missing(path):
             problems.append(f"source {spec.name!r}: path {path!r} does not exist. Fix `path` in `--model.sources`.")
+        if spec.tokenizer is not None and missing(resolve_path(spec.tokenizer)):
+            problems.append(
+                f"source {spec.name!r}: tokenizer {resolve_path(spec.tokenizer)!r} does not exist. Fix `tokenizer` in "
+                "`--model.sources` (or leave it out to use the model's own)."
+            )
         if spec.load_in_8bit not in ("auto", True, False):
             problems.append(f"source {spec.name!r}: `load_in_8bit` can be auto, true, false, got {spec.load_in_8bit!r}.")
     if problems:

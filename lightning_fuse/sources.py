@@ -15,7 +15,14 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from lightning_fuse.fusion import SourceOutput, source_output_from_logits
+from lightning_fuse.fusion import (
+    SourceOutput,
+    SparseDist,
+    gold_next_tokens,
+    next_token_mask,
+    sequence_ce,
+    source_output_from_logits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +170,32 @@ class FrozenSource:
         self.quantized = quantized
         self.aligner = None  # set when the source's tokenizer differs from the target's
         self.rows_forwarded = 0  # sequences this source has run on (routed mode runs fewer)
+        self.aligned_positions = 0  # target positions that got this source's distribution (cross-tokenizer)
+        self.counted_positions = 0  # target positions with a gold next token seen by this source
+
+    def attach_aligner(self, target_tokenizer: PreTrainedTokenizerBase, cache_dir: str | None = None) -> None:
+        """Map this source's tokens and vocabulary onto the target's (for a source with another tokenizer)."""
+        import time
+
+        from lightning_fuse.alignment import TokenAligner
+
+        start = time.perf_counter()
+        if cache_dir is not None:
+            cache_dir = os.path.expanduser(cache_dir)
+        self.aligner = TokenAligner(self.tokenizer, target_tokenizer, mode=self.spec.alignment, cache_dir=cache_dir)
+        mapped = float((self.aligner.vocab_map >= 0).float().mean())
+        log.info(
+            "source %r: tokenizer differs from the target's (%d vs %d tokens): %s vocabulary map, %.1f%% of source "
+            "tokens mapped, built/loaded in %.2fs", self.name, len(self.tokenizer), len(target_tokenizer),
+            self.spec.alignment, 100 * mapped, time.perf_counter() - start,
+        )
+
+    @property
+    def alignment_rate(self) -> float:
+        """Share of target positions that got this source's own distribution (1.0 for a same-tokenizer source)."""
+        if self.aligner is None:
+            return 1.0
+        return self.aligned_positions / max(self.counted_positions, 1)
 
     @classmethod
     def load(cls, spec: SourceSpec, device: torch.device) -> FrozenSource:
@@ -192,9 +225,51 @@ class FrozenSource:
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, top_k: int, vocab_size: int) -> SourceOutput:
         """Top-k distributions, gold log-probs and per-sequence CE on the target's positions and vocabulary."""
         self.rows_forwarded += input_ids.shape[0]
+        if self.aligner is not None:
+            return self._aligned_forward(input_ids, attention_mask, labels, top_k, vocab_size)
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         if logits.shape[-1] > vocab_size:  # padded embedding rows beyond the shared tokenizer's ids
             logits = logits[..., :vocab_size]
         out = source_output_from_logits(logits, labels, top_k)
         del logits
         return out
+
+    def _aligned_forward(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, top_k: int, vocab_size: int
+    ) -> SourceOutput:
+        """Run on the source's own tokens of the same text and carry its distributions onto the target's
+        positions and vocabulary; unaligned positions fall back to one-hot on the gold token (and are counted)."""
+        device = input_ids.device
+        aligned = self.aligner.align_batch(input_ids.cpu(), attention_mask.cpu())
+        src_ids, src_mask = aligned.src_ids.to(self.device), aligned.src_mask.to(self.device)
+        logits = self.model(input_ids=src_ids, attention_mask=src_mask.long()).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1).to(device)
+        del logits
+        src_ids = src_ids.to(device)
+        mask = next_token_mask(labels)
+        gold = gold_next_tokens(labels)
+        pos = aligned.src_pos.to(device)
+        ok = (pos >= 0) & mask
+        j = pos.clamp_min(0)
+        k = min(top_k, logprobs.shape[-1])
+        top_lp, top_ids = logprobs.topk(k, dim=-1)  # [B, M, k] in the source vocabulary
+        idx = j.unsqueeze(-1).expand(-1, -1, k)
+        lp = top_lp.gather(1, idx)
+        ids = self.aligner.vocab_map.to(device)[top_ids.gather(1, idx)]
+        ids = ids.masked_fill(ids >= vocab_size, -1)
+        lp = lp.masked_fill(ids < 0, float("-inf"))
+        # the source's log-prob of its own token aligned to the gold target token
+        src_next = src_ids.gather(1, (j + 1).clamp_max(src_ids.shape[1] - 1))
+        gold_lp = logprobs.gather(1, j.unsqueeze(-1).expand(-1, -1, logprobs.shape[-1])).gather(-1, src_next.unsqueeze(-1))
+        gold_lp = gold_lp.squeeze(-1).masked_fill(~ok, 0.0)
+        ce = sequence_ce(gold_lp, ok)
+        gold_lp = torch.where(ok, gold_lp, -ce.unsqueeze(-1)) * mask  # unaligned: impute the sequence mean
+        onehot_ids = torch.full_like(ids, -1)
+        onehot_ids[..., 0] = gold
+        onehot_lp = torch.full_like(lp, float("-inf"))
+        onehot_lp[..., 0] = 0.0
+        ids = torch.where(ok.unsqueeze(-1), ids, onehot_ids)
+        lp = torch.where(ok.unsqueeze(-1), lp, onehot_lp)
+        self.aligned_positions += int(ok.sum())
+        self.counted_positions += int(mask.sum())
+        return SourceOutput(SparseDist(ids, lp), gold_lp, ce)

@@ -104,3 +104,20 @@ def world(tmp_path_factory) -> dict[str, str]:
         build_world(root)
         (root / "done").touch()
     return {n: str(root / n) for n in names}
+
+
+def other_tokenizer_source(world: dict[str, str], root: Path, steps: int = 150) -> str:
+    """A source trained on both domains with its own SentencePiece-style ('▁' metaspace) tokenizer."""
+    from lightning_fuse.tokenizers import train_bpe_tokenizer
+
+    out = root / "other_tok_source"
+    if (out / "done").exists():
+        return str(out)
+    corpus = Path(world["corpus"])
+    text = "".join((corpus / d / "train.txt").read_text() for d in DOMAINS)
+    tok = train_bpe_tokenizer([text], vocab_size=600, style="metaspace")
+    model = train_lm(tiny_llama(len(tok), seed=42), tok, text, steps, seed=7)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "done").touch()
+    return str(out)

@@ -1,0 +1,60 @@
+"""Fusion with a source whose tokenizer differs from the target's: aligned automatically, rate reported."""
+
+import pytest
+import torch
+
+from lightning_fuse import FusionModule, SelectionFeedback, SourceSpec
+
+
+@pytest.fixture(scope="module")
+def other_source(tiny_world, tmp_path_factory):
+    from tiny import other_tokenizer_source
+
+    return other_tokenizer_source(tiny_world, tmp_path_factory.getbasetemp())
+
+
+def test_other_tokenizer_source_is_aligned_and_fusion_trains(tiny_world, other_source, tmp_path):
+    from test_module import fit
+
+    module = FusionModule(
+        target=tiny_world["target"],
+        sources=[SourceSpec("words", tiny_world["words"]), SourceSpec("other", other_source, alignment="min_ed")],
+        strategy="avg_ce", clm_weight=0.2, alignment_cache_dir=str(tmp_path / "maps"),
+    )
+    module.configure_model()
+    same, other = module.sources
+    assert same.aligner is None and other.aligner is not None
+    batch = next(iter(_loader(tiny_world, module)))
+    first = float(module._step(batch, "train")["loss"])
+    _, results = fit(module, tiny_world, steps=40, callbacks=[SelectionFeedback(beta=0.0)])
+    last = float(module._step(batch, "train")["loss"])
+    print(f"alignment rate of the metaspace source: {other.alignment_rate:.3f}; loss {first:.3f} -> {last:.3f}")
+    assert last < first - 0.3
+    # byte-level BPE (320 tokens) target vs metaspace BPE (600 tokens) source: their merges differ, so only
+    # positions where both split the text the same way align one-to-one. Measured 0.46 here; a marker bug
+    # (unnormalised 'Ġ' / '▁') drops it towards 0 (see test_alignment.py), hence the floor of 0.3.
+    assert other.alignment_rate > 0.3
+    assert results["align/rate/other"] == pytest.approx(other.alignment_rate, abs=0.02)  # logged at validation
+    assert list((tmp_path / "maps").glob("vocab_map-min_ed-*.pt")), "the vocabulary map is cached on disk"
+
+
+def test_aligned_output_is_a_distribution_on_target_ids(tiny_world, other_source):
+    module = FusionModule(target=tiny_world["target"], sources=[SourceSpec("other", other_source)],
+                          strategy="uniform", alignment_cache_dir=None)
+    module.configure_model()
+    batch = next(iter(_loader(tiny_world, module)))
+    out = module.run_sources(batch)[0]
+    ids, probs = out.dist.ids, out.dist.probs
+    assert ids.shape[:2] == batch["input_ids"].shape
+    assert (ids < len(module.tokenizer)).all()
+    assert (probs.sum(-1) <= 1 + 1e-4).all()
+    assert torch.isfinite(out.ce).all() and (out.ce > 0).all()
+
+
+def _loader(world, module):
+    from lightning_fuse import TextDataModule
+
+    dm = TextDataModule(world["corpus"], block_size=32, batch_size=8)
+    dm.connect(module.tokenizer, module.max_seq_length)
+    dm.setup("fit")
+    return dm.train_dataloader()

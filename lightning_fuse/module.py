@@ -373,7 +373,7 @@ class FusionModule(pl.LightningModule):
                     fault = f"source {name!r} produced NaN/inf log-probs"
                     break
             if fault is None and not torch.isfinite(r["loss"]):
-                bad = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+                bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
                 fault = f"non-finite training loss at {self._fault_context} ({bad})"
             distributed = self.trainer.world_size > 1
             if distributed and self.hparams.on_nonfinite == "skip_batch":  # every process must take the same path
@@ -490,6 +490,10 @@ class FusionModule(pl.LightningModule):
         self.log_dict(results, sync_dist=False)
         self.log(f"{stage}/loss", self.eval_loss.compute(), prog_bar=True)
         self.eval_results = results
+        if self.trainer.state.fn != "fit" and self.trainer.is_global_zero:  # `lightning-fuse validate/test`
+            from lightning_fuse.evaluation import format_table
+
+            print(format_table(results, stage))
 
     # ----------------------------------------------------------------------------------------------- optimizer
     def _param_groups(self) -> list[dict[str, Any]]:

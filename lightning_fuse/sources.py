@@ -255,7 +255,10 @@ class FrozenSource:
         top_lp, top_ids = logprobs.topk(k, dim=-1)  # [B, M, k] in the source vocabulary
         idx = j.unsqueeze(-1).expand(-1, -1, k)
         lp = top_lp.gather(1, idx)
-        ids = self.aligner.vocab_map.to(device)[top_ids.gather(1, idx)]
+        vocab_map = self.aligner.vocab_map.to(device)
+        if vocab_map.numel() < logprobs.shape[-1]:  # padded embedding rows beyond the source tokenizer's ids
+            vocab_map = torch.cat([vocab_map, vocab_map.new_full((logprobs.shape[-1] - vocab_map.numel(),), -1)])
+        ids = vocab_map[top_ids.gather(1, idx)]
         ids = ids.masked_fill(ids >= vocab_size, -1)
         lp = lp.masked_fill(ids < 0, float("-inf"))
         # the source's log-prob of its own token aligned to the gold target token

@@ -171,3 +171,62 @@ def _importance(gate: Tensor, mask: Tensor) -> Tensor:
     kept = gate * mask
     weights = kept / kept.sum(-1, keepdim=True).clamp_min(1e-12)
     return weights.detach() + gate - gate.detach()
+
+
+class SelectionMatrixLogger(Callback):
+    """Logs the domain x source selection matrix to TensorBoard after every validation (and test) run.
+
+    Reads the module's ``eval_results`` (``<stage>/<domain>/<source>_share`` and ``_routed``) and logs, at the
+    current global step:
+
+    - ``selection/<stage>_matrix``: an image of the share matrix (rows: domains, columns: sources; each row sums
+      to 1), drawn with matplotlib when it is installed (``pip install lightning-fuse[notebooks]``), otherwise an
+      unlabelled heat map (white = 0, dark blue = 1; one log line says so);
+    - ``selection/<stage>_table``: the same matrix as a Markdown table, routed shares in parentheses, each
+      domain's largest share in bold (TensorBoard's Text tab).
+
+    Loggers without ``add_image`` (e.g. CSV) are skipped. Only the global-zero process logs.
+
+    Example::
+
+        trainer = Trainer(callbacks=[SelectionFeedback(beta=0.05), SelectionMatrixLogger()])
+    """
+
+    def __init__(self) -> None:
+        self._warned = False
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer, pl_module, "test")
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_fuse.plots import heatmap_rgb, matrix_table, plot_matrix, selection_matrix
+
+        results = getattr(pl_module, "eval_results", None) or {}
+        writers = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_image")]
+        sources = getattr(pl_module, "source_names", None)
+        domains, names, share = selection_matrix(results, stage, "share", sources=sources)
+        if not trainer.is_global_zero or not writers or not domains:
+            return
+        _, _, routed = selection_matrix(results, stage, "routed", sources=names, domains=domains)
+        table = matrix_table(share, domains, names, routed)
+        step = trainer.global_step
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+        except ImportError:
+            image = heatmap_rgb(share)
+            if not self._warned:
+                log.info("SelectionMatrixLogger: matplotlib is not installed, logging an unlabelled heat map "
+                         "(pip install matplotlib for a labelled figure)")
+                self._warned = True
+        else:  # rendered here, without pyplot: no global figure state, no backend switch
+            canvas = FigureCanvasAgg(plot_matrix(share, domains, names, title=f"{stage} selection share, step {step}").figure)
+            canvas.draw()
+            image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+        for writer in writers:
+            writer.add_image(f"selection/{stage}_matrix", image, step, dataformats="HWC")
+            if hasattr(writer, "add_text"):
+                writer.add_text(f"selection/{stage}_table", table, step)

@@ -32,11 +32,20 @@ COMMANDS = {
 
 def _run_command(name: str, argv: list[str]) -> None:
     import importlib
+    import inspect
 
-    from jsonargparse import auto_cli
+    from jsonargparse import ArgumentParser, auto_cli
 
     module_name, func = COMMANDS[name].split(":")
-    auto_cli(getattr(importlib.import_module(module_name), func), args=argv, as_positional=False)
+    fn = getattr(importlib.import_module(module_name), func)
+    if "config" not in inspect.signature(fn).parameters:
+        auto_cli(fn, args=argv, as_positional=False)
+        return
+    # auto_cli drops a parameter named `config` (jsonargparse reserves it for its own --config file)
+    parser = ArgumentParser(prog=f"lightning-fuse {name}", description=inspect.getdoc(fn).split("\n\n")[0])
+    parser.add_function_arguments(fn, as_group=False)
+    cfg = parser.parse_args(argv)
+    fn(**parser.instantiate(cfg))
 
 
 def main(argv: list[str] | None = None) -> None:

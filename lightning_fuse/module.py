@@ -206,7 +206,10 @@ class FusionModule(pl.LightningModule):
         The old sources (which must come first, in the same order) keep their learned scores; each new one starts
         neutral (the mean of the old output rows). The selector's optimizer state restarts; the target's is kept.
         """
-        old_names = [s["name"] for s in checkpoint.get("hyper_parameters", {}).get("sources", [])]
+        old_names = [  # LightningCLI may have turned the saved dicts into Namespace(class_path, init_args)
+            (s if isinstance(s, dict) else (s.get("init_args") or s))["name"]
+            for s in checkpoint.get("hyper_parameters", {}).get("sources", [])
+        ]
         state = checkpoint.get("state_dict", {})
         if "selector.mlp.2.weight" not in state or self.selector is None or old_names == self.source_names:
             return

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from jsonargparse import ActionConfigFile
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 from transformers import AutoModelForCausalLM
@@ -14,6 +15,7 @@ from lightning_fuse.data import TextDataModule
 from lightning_fuse.module import FusionModule
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+OVERLAYS = {"ddp.yaml", "fsdp.yaml"}  # trainer-only presets, used on top of a full config
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -23,16 +25,19 @@ def test_config_parses_against_signatures(config):
     parser.add_lightning_class_args(FusionModule, "model", subclass_mode=True)
     parser.add_lightning_class_args(TextDataModule, "data", subclass_mode=True)
     parser.add_argument("--seed_everything", type=int | bool, default=True)
-    cfg = parser.parse_path(str(config))
+    parser.add_argument("--config", action=ActionConfigFile)
+    configs = [config.parent / "demo.yaml", config] if config.name in OVERLAYS else [config]
+    cfg = parser.parse_args([arg for c in configs for arg in ("--config", str(c))])
     model = cfg["model"]
     assert model["class_path"].startswith("lightning_fuse.")
-    assert len(model["init_args"]["sources"]) >= 1
+    init = model["init_args"]
+    assert len(init["sources"]) >= 1 if "sources" in init else len(init["specialists"]) >= 1
 
 
 def _tiny_args(world, tmp_path, *extra):
     sources = [{"name": n, "path": world[n]} for n in ("words", "sums")]
     return [
-        "fit", "--config", str(CONFIGS[0].parent / "demo.yaml"),
+        "fit", "--config", str(Path(__file__).parents[1] / "configs" / "demo.yaml"),
         "--model.init_args.target", world["target"],
         "--model.init_args.sources", json.dumps(sources),
         "--data.init_args.data_dir", world["corpus"],

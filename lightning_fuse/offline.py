@@ -1,0 +1,267 @@
+"""Offline fusion (FuseLLM style): the sources run once (``lightning-fuse precompute``), training reads their outputs.
+
+``CachedTextDataModule`` gives the same blocks as ``TextDataModule``; every training sample also carries
+``cached = {source_name: {ids [L, k], logprobs [L, k], gold_logprob [L], ce []}}``, so a batch has
+``batch["cached"][name]`` and ``FusionModule.run_sources`` reads it instead of running the sources. With
+``model.offline: true`` the sources are never loaded, and validation batches carry the cached outputs too.
+
+Cache layout (two independent ``lightning_fuse.cache`` roots, one per split)::
+
+    <cache_dir>/train/manifest.json, <source>/shard-*.npy     the training blocks, in dataset order
+    <cache_dir>/val/manifest.json,   <source>/shard-*.npy     the validation blocks (for ``model.offline: true``)
+
+Each source's cache records its identity: ``model_id`` (path as declared, hash of config.json, sampled hash of the
+weight files, dtype), ``tokenizer_id`` (the source tokenizer's vocabulary fingerprint) and ``data_id`` (sha256 of
+the split's token ids: tokenizer, block size, files and block cap all enter it). Opening a cache built for another
+model, tokenizer or corpus fails with a :class:`~lightning_fuse.cache.CacheError` saying what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from lightning_fuse.cache import (
+    CachedSourcesDataset,
+    CacheIncompleteError,
+    CacheMismatchError,
+    CacheReader,
+    data_fingerprint,
+)
+from lightning_fuse.data import BlockDataset, TextDataModule
+from lightning_fuse.sources import (
+    SourceSpec,
+    load_config,
+    load_tokenizer,
+    resolve_path,
+    tokenizer_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_SAMPLE = 1 << 20  # bytes hashed at the head and at the tail of each weight file
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset")
+
+
+def default_cache_dir(data_dir: str) -> Path:
+    """``<data_dir>/.fuse_cache`` (the data module only reads .txt/.jsonl files, so the cache never becomes data)."""
+    return Path(resolve_path(data_dir)) / ".fuse_cache"
+
+
+def split_root(cache_dir: str | os.PathLike, split: str) -> Path:
+    """The cache root of one split (``train`` or ``val``)."""
+    if split not in SPLITS:
+        raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}")
+    return Path(cache_dir) / split
+
+
+def _sha256_short(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _config_hash(spec: SourceSpec) -> str:
+    path = resolve_path(spec.path)
+    config_file = Path(path) / "config.json"
+    if os.path.isdir(path) and spec.gguf_file is None and config_file.is_file():
+        return _sha256_short(config_file.read_bytes())  # file bytes: stable across transformers versions
+    config = load_config(spec.path, f"source {spec.name!r}", spec.trust_remote_code, spec.gguf_file).to_dict()
+    for key in _VOLATILE_CONFIG_KEYS:
+        config.pop(key, None)
+    return _sha256_short(json.dumps(config, sort_keys=True, default=str).encode())
+
+
+def _weights_hash(spec: SourceSpec) -> str | None:
+    """Sampled fingerprint of a local model folder's weight files: name, size, first and last MiB of each.
+
+    Cheap (2 MiB read per file) and catches a source retrained or replaced in place. ``None`` for hub ids.
+    """
+    path = resolve_path(spec.path)
+    if not os.path.isdir(path):
+        return None
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}:".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(_SAMPLE))
+            if size > 2 * _SAMPLE:
+                fh.seek(size - _SAMPLE)
+                h.update(fh.read(_SAMPLE))
+    return h.hexdigest()[:16]
+
+
+def source_identity(spec: SourceSpec) -> dict[str, Any]:
+    """``model_id`` and ``tokenizer_id`` a source's cache is recorded under (computed without loading weights)."""
+    model_id: dict[str, Any] = {"path": spec.path, "config": _config_hash(spec), "dtype": spec.dtype}
+    weights = _weights_hash(spec)
+    if weights is not None:
+        model_id["weights"] = weights
+    if spec.gguf_file is not None:
+        model_id["gguf_file"] = spec.gguf_file
+    tokenizer = load_tokenizer(spec.tokenizer or spec.path, f"source {spec.name!r} tokenizer", spec.trust_remote_code)
+    return {"model_id": model_id, "tokenizer_id": tokenizer_fingerprint(tokenizer)}
+
+
+def expected_identities(
+    specs: Sequence[SourceSpec], blocks: torch.Tensor, identities: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """``CacheReader(expect=...)`` for the declared sources over one split's blocks."""
+    identities = identities or {s.name: source_identity(s) for s in specs}
+    data_id = data_fingerprint(blocks)
+    return {s.name: {**identities[s.name], "data_id": data_id, "num_sequences": len(blocks)} for s in specs}
+
+
+class CachedBlockDataset(Dataset):
+    """Blocks of a ``BlockDataset`` plus, per block, the cached outputs of every source (``"cached"``).
+
+    ``top_k`` keeps the first ``top_k`` of the cached ids (they are sorted by log-prob), so a cache built with a
+    larger k serves a module with a smaller ``distill_top_k``.
+    """
+
+    def __init__(self, blocks: BlockDataset, cached: CachedSourcesDataset, top_k: int | None = None) -> None:
+        if len(blocks) != len(cached):
+            raise CacheMismatchError(f"{len(blocks)} blocks but {len(cached)} cached sequences: rerun precompute")
+        self.base = blocks
+        self.cached = cached
+        self.top_k = top_k
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        return self.base.blocks
+
+    @property
+    def domains(self) -> torch.Tensor:
+        return self.base.domains
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        indices = [int(i) for i in indices]
+        cached = self.cached.__getitems__(indices)  # one read per shard and source for the whole batch
+        k = self.top_k
+        items = []
+        for i, c in zip(indices, cached):
+            if k is not None:
+                c = {name: {**f, "ids": f["ids"][:, :k], "logprobs": f["logprobs"][:, :k]} for name, f in c.items()}
+            items.append({**self.base[i], "cached": c})
+        return items
+
+
+class CachedTextDataModule(TextDataModule):
+    """``TextDataModule`` whose batches carry the sources' cached top-k outputs (run ``lightning-fuse precompute``).
+
+    The cache must match the module's declared sources (path, config, weights, tokenizer) and these exact blocks
+    (data fingerprint); otherwise setup fails with a ``CacheError`` saying what differs. Setup also checks every
+    shard's size and, with ``verify``, its checksum. Validation batches carry cached outputs when the module is
+    offline (``model.offline: true``, sources not loaded); otherwise the loaded sources run on them.
+
+    Args:
+        data_dir: folder with one sub-folder per domain (``demo://corpus`` for the embedded demo's data).
+        cache_dir: the cache written by ``lightning-fuse precompute``; default ``<data_dir>/.fuse_cache``.
+        block_size: tokens per block; must not exceed the target's maximum positions.
+        batch_size: blocks per batch (per device).
+        val_fraction: share of each domain's blocks held out when it has no ``val.*`` file.
+        max_blocks_per_domain: cap on training blocks per domain (None = all), to keep domains balanced.
+        text_field: JSON field holding the text in .jsonl files.
+        num_workers: DataLoader workers.
+        seed: seed of the training shuffle.
+        verify: check every shard file's checksum at setup (reads the whole cache once: ~1-2 GB/s).
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        cache_dir: str | None = None,
+        block_size: int = 128,
+        batch_size: int = 8,
+        val_fraction: float = 0.1,
+        max_blocks_per_domain: int | None = None,
+        text_field: str = "text",
+        num_workers: int = 0,
+        seed: int = 0,
+        verify: bool = True,
+    ) -> None:
+        super().__init__(
+            data_dir, block_size, batch_size, val_fraction, max_blocks_per_domain, text_field, num_workers, seed
+        )
+        self.cache_dir = cache_dir
+        self.verify = verify
+        self.source_specs: list[SourceSpec] | None = None
+        self.distill_top_k: int | None = None
+        self.offline = False
+        self.vocab_size: int | None = None
+        self.readers: dict[str, CacheReader] = {}
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(os.path.expanduser(self.cache_dir)) if self.cache_dir else default_cache_dir(self.data_dir)
+
+    def bind(self, module: Any) -> None:
+        """Take the tokenizer, declared sources, ``distill_top_k``, ``offline`` and vocabulary from a FusionModule
+        (done in ``setup`` from the trainer's module; call it yourself to use the data module without a trainer)."""
+        if self.tokenizer is None:
+            self.connect(module.tokenizer, getattr(module, "max_seq_length", None))
+        self.source_specs = list(module.source_specs)
+        hparams = getattr(module, "hparams", {})
+        self.distill_top_k = hparams.get("distill_top_k")
+        self.offline = bool(hparams.get("offline", False))
+        self.vocab_size = getattr(getattr(module, "target_config", None), "vocab_size", None)
+
+    def setup_blocks(self, stage: str | None = None) -> None:
+        """The plain ``TextDataModule`` blocks, without opening the cache (what ``precompute`` runs over)."""
+        TextDataModule.setup(self, stage)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.readers or (self.train_set is not None and isinstance(self.train_set, CachedBlockDataset)):
+            return
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if self.source_specs is None:
+            if module is None:
+                raise RuntimeError("CachedTextDataModule needs the FusionModule: call `datamodule.bind(module)` first.")
+            self.bind(module)
+        self.setup_blocks(stage)
+        if not self.source_specs:
+            log.warning("the module declares no sources: CachedTextDataModule reads no cache")
+            return
+        identities = {s.name: source_identity(s) for s in self.source_specs}
+        self.train_set = self._attach("train", self.train_set, identities)
+        if self.offline:
+            self.val_set = self._attach("val", self.val_set, identities)
+
+    def _attach(self, split: str, blocks: BlockDataset, identities: dict[str, dict[str, Any]]) -> CachedBlockDataset:
+        root = split_root(self.cache_root, split)
+        if not (root / "manifest.json").exists():
+            why = " (`model.offline: true` validates on cached outputs)" if split == "val" else ""
+            raise CacheIncompleteError(
+                f"no {split} cache at {root}{why}: run `lightning-fuse precompute --config <your config>` first"
+                + (" (without `--val false`)" if split == "val" else "")
+                + ", or point `--data.init_args.cache_dir` to the cache"
+            )
+        expect = expected_identities(self.source_specs, blocks.blocks, identities)
+        reader = CacheReader(root, expect=expect, seq_len=self.block_size, vocab_size=self.vocab_size)
+        k = self.distill_top_k
+        if k is not None and reader.top_k < k:
+            raise CacheMismatchError(
+                f"cache at {root} keeps the top {reader.top_k} ids per token but `--model.distill_top_k` is {k}: "
+                f"rerun `lightning-fuse precompute --top_k {k} --overwrite true`, or lower `distill_top_k`"
+            )
+        if self.verify:
+            reader.verify()
+        self.readers[split] = reader
+        names = [s.name for s in self.source_specs]
+        log.info("%s: cached outputs of %s from %s (top-%d)", split, ", ".join(names), root, reader.top_k)
+        return CachedBlockDataset(blocks, CachedSourcesDataset(reader, names), k if k != reader.top_k else None)

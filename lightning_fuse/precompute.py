@@ -1,0 +1,272 @@
+"""``lightning-fuse precompute``: run every source once over the corpus and cache its sparse outputs (offline mode).
+
+Reads the same YAML as ``lightning-fuse fit`` (its ``model:`` and ``data:`` sections), builds the same blocks, and
+writes, per source and split, the top-k ids and log-probs, the gold log-prob and the per-sequence CE that
+``FrozenSource.forward`` returns online (see :mod:`lightning_fuse.offline` for the layout and
+:mod:`lightning_fuse.cache` for the storage). Shards are written atomically; a rerun skips finished shards and
+finished sources without loading them.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from lightning_fuse.cache import FORMAT, MANIFEST, CacheError, CacheMismatchError, CacheWriter, SourceWriter
+from lightning_fuse.data import BlockDataset, TextDataModule
+from lightning_fuse.module import FusionModule
+from lightning_fuse.offline import (
+    CachedTextDataModule,
+    default_cache_dir,
+    expected_identities,
+    source_identity,
+    split_root,
+)
+from lightning_fuse.sources import FrozenSource, SourceSpec
+
+log = logging.getLogger(__name__)
+
+
+def precompute(
+    config: str,
+    cache_dir: str | None = None,
+    top_k: int | None = None,
+    shard_size: int = 256,
+    batch_size: int = 8,
+    val: bool = True,
+    overwrite: bool = False,
+    device: str | None = None,
+) -> Path:
+    """Run every source of a fit config once over its blocks and cache its top-k outputs for offline fusion.
+
+    Then train with ``data.class_path: lightning_fuse.offline.CachedTextDataModule`` (and ``model.offline: true``
+    to never load the sources), e.g. ``configs/offline.yaml``. Interrupted runs resume: rerun the same command.
+
+    Args:
+        config: the YAML given to ``lightning-fuse fit`` (its ``model:`` and ``data:`` sections; others ignored).
+        cache_dir: where to write the cache; default the config's ``data.init_args.cache_dir``, else
+            ``<data_dir>/.fuse_cache``.
+        top_k: ids and log-probs kept per token and source; default ``model.distill_top_k``.
+        shard_size: sequences per shard file (the unit of atomic writes and of resume).
+        batch_size: sequences per source forward pass.
+        val: also cache the validation blocks (needed when training with ``model.offline: true``).
+        overwrite: recompute the declared sources from scratch (also when the cache was built for another model,
+            tokenizer, corpus, block size or k, which is otherwise an error).
+        device: device the sources run on (``cuda``, ``cuda:1``, ``cpu``); default CUDA when available.
+
+    Returns:
+        The cache directory.
+    """
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"`--shard_size` and `--batch_size` must be >= 1, got {shard_size} and {batch_size}.")
+    module, dm = load_fit_config(config)
+    specs = module.source_specs
+    if not specs:
+        raise ValueError(f"{config} declares no sources in `model.init_args.sources`: there is nothing to precompute.")
+    k = top_k if top_k is not None else module.hparams.distill_top_k
+    if k < module.hparams.distill_top_k:
+        log.warning("--top_k %d < model.distill_top_k %d: training on this cache will refuse it", k,
+                    module.hparams.distill_top_k)
+    vocab = module.target_config.vocab_size
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module.to(dev)  # no parameters yet: sets the device the sources load on
+
+    root = _cache_dir(dm, cache_dir)
+    print(f"precompute: cache dir {root}", flush=True)
+    dm.connect(module.tokenizer, module.max_seq_length)
+    if isinstance(dm, CachedTextDataModule):
+        dm.setup_blocks("fit")
+    else:
+        dm.setup("fit")
+    splits: dict[str, BlockDataset] = {"train": dm.train_set}
+    if val:
+        splits["val"] = dm.val_set
+
+    identities = {s.name: source_identity(s) for s in specs}
+    writers: dict[str, dict[str, SourceWriter]] = {s.name: {} for s in specs}
+    for split, ds in splits.items():
+        writer = _open_cache(split_root(root, split), ds, k, vocab, shard_size, overwrite)
+        expect = expected_identities(specs, ds.blocks, identities)
+        for spec in specs:
+            writers[spec.name][split] = _open_source(writer, spec.name, expect[spec.name], overwrite)
+
+    for spec in specs:
+        todo = {split: w.pending_shards() for split, w in writers[spec.name].items()}
+        if not any(todo.values()):
+            for w in writers[spec.name].values():
+                w.finalize()
+            log.info("source %r: already cached, skipped", spec.name)
+            continue
+        source = _load_source(module, spec, dev)
+        try:
+            for split, pending in todo.items():
+                w = writers[spec.name][split]
+                if pending:
+                    _run_source(source, splits[split], w, pending, k, vocab, batch_size, dev, split)
+                w.finalize()
+        finally:
+            del source
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+    for split in splits:
+        per_token = storage_bytes_per_token(split_root(root, split))
+        print(f"precompute: {split}: " + ", ".join(f"{n} {b:.1f} B/token" for n, b in per_token.items()), flush=True)
+    print(f"precompute: done, cache in {root}", flush=True)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def load_fit_config(config: str) -> tuple[FusionModule, TextDataModule]:
+    """The FusionModule and DataModule a ``lightning-fuse fit --config`` YAML declares (no weights loaded)."""
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"`--config` {config!r} is not a file. Pass the YAML you give `lightning-fuse fit`.")
+    raw = yaml.safe_load(path.read_text()) or {}
+    missing = [key for key in ("model", "data") if key not in raw]
+    if not isinstance(raw, dict) or missing:
+        raise ValueError(f"{config} has no {' / '.join(missing) or 'model / data'} section: pass a fit config.")
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_lightning_class_args(FusionModule, "model", subclass_mode=True)
+    parser.add_lightning_class_args(TextDataModule, "data", subclass_mode=True)
+    try:  # trainer, seed_everything, optimizer, ckpt_path, ...: not needed to run the sources
+        cfg = parser.parse_object({"model": raw["model"], "data": raw["data"]})
+    except Exception as err:  # jsonargparse's ArgumentError: say which file
+        raise ValueError(f"{config}: {err}") from err
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # jsonargparse < 4.49
+    init = instantiate(cfg)
+    return init.model, init.data
+
+
+def _cache_dir(dm: TextDataModule, cache_dir: str | None) -> Path:
+    if cache_dir is not None:
+        root = Path(cache_dir).expanduser()
+        if isinstance(dm, CachedTextDataModule) and root.resolve() != dm.cache_root.resolve():
+            log.warning("--cache_dir %s differs from the config's data cache_dir %s: training will read the latter",
+                        root, dm.cache_root)
+        return root
+    if isinstance(dm, CachedTextDataModule):
+        return dm.cache_root
+    return default_cache_dir(dm.data_dir)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _open_cache(root: Path, ds: BlockDataset, k: int, vocab: int, shard_size: int, overwrite: bool) -> CacheWriter:
+    kwargs = {"seq_len": int(ds.blocks.shape[1]), "top_k": int(k), "vocab_size": int(vocab), "shard_size": shard_size}
+    try:
+        return CacheWriter(root, **kwargs)
+    except CacheMismatchError as err:
+        if not overwrite:
+            raise CacheMismatchError(f"{err}; or pass `--overwrite true` to rebuild it") from err
+    if _is_cache(root):  # built with another L / k / vocabulary / shard size: start over
+        log.warning("%s was built with other settings: removing it (--overwrite true)", root)
+        shutil.rmtree(root)
+    return CacheWriter(root, **kwargs)
+
+
+def _is_cache(root: Path) -> bool:
+    try:
+        return json.loads((root / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _complete(root: Path, name: str) -> bool:
+    """Whether the manifest marks source ``name`` finished."""
+    entry = json.loads((Path(root) / MANIFEST).read_text())["sources"].get(name, {})
+    return bool(entry.get("complete"))
+
+
+def _open_source(writer: CacheWriter, name: str, expect: dict[str, Any], overwrite: bool) -> SourceWriter:
+    ident = {key: expect[key] for key in ("model_id", "tokenizer_id", "data_id")}
+    n = expect["num_sequences"]
+    if overwrite:  # drop whatever is cached for this source (a placeholder identity unrecords its shards)
+        writer.source(name, {"reset": uuid.uuid4().hex}, "reset", "reset", num_sequences=n, overwrite=True)
+    try:
+        w = writer.source(name, ident["model_id"], ident["tokenizer_id"], ident["data_id"], num_sequences=n,
+                          overwrite=overwrite)
+    except CacheMismatchError as err:
+        raise CacheMismatchError(f"{err}: e.g. `lightning-fuse precompute ... --overwrite true`") from err
+    pending = w.pending_shards()
+    if pending and _complete(writer.root, name):  # finished once, then a shard file went missing or was truncated: rebuild
+        log.warning("cache of source %r in %s lost shards %s: recomputing it", name, writer.root, pending[:5])
+        return _open_source(writer, name, expect, overwrite=True)
+    return w
+
+
+def _load_source(module: FusionModule, spec: SourceSpec, device: torch.device) -> FrozenSource:
+    """One source, loaded through the module's ``build_sources`` (its checks and subclass hooks), one at a time."""
+    specs = module.source_specs
+    module.source_specs = [spec]
+    try:
+        (source,) = module.build_sources()
+    finally:
+        module.source_specs = specs
+    return source.to(device)
+
+
+def _run_source(
+    source: FrozenSource,
+    ds: BlockDataset,
+    writer: SourceWriter,
+    pending: list[int],
+    k: int,
+    vocab: int,
+    batch_size: int,
+    device: torch.device,
+    split: str,
+) -> None:
+    L = ds.blocks.shape[1]
+    total = sum(len(writer.shard_range(i)) for i in pending)
+    start = time.perf_counter()
+    with tqdm(total=total * L, unit="tok", unit_scale=True, desc=f"{source.name} [{split}]", dynamic_ncols=True) as bar:
+        for shard in pending:
+            rows = writer.shard_range(shard)
+            parts: dict[str, list[np.ndarray]] = {"ids": [], "logprobs": [], "gold_logprob": [], "ce": []}
+            for b in range(rows.start, rows.stop, batch_size):
+                ids = ds.blocks[b : min(b + batch_size, rows.stop)].to(device)
+                mask = torch.ones_like(ids)
+                labels = ids.masked_fill(mask == 0, -100)  # as FusionModule._step does
+                out = source.forward(ids, mask, labels, k, vocab)
+                for key, t in (("ids", out.dist.ids), ("logprobs", out.dist.logprobs),
+                               ("gold_logprob", out.gold_logprob), ("ce", out.ce)):
+                    parts[key].append(t.cpu().numpy())
+                bar.update(ids.numel())
+            arrays = {key: np.concatenate(v) for key, v in parts.items()}
+            if not np.isfinite(arrays["ce"]).all():
+                raise FloatingPointError(f"source {source.name!r} produced NaN/inf log-probs in {split} shard {shard}")
+            writer.write_shard(shard, **arrays)
+    seconds = time.perf_counter() - start
+    log.info("source %r [%s]: %d tokens in %.1f s (%.0f tokens/s, including writes)", source.name, split,
+             total * L, seconds, total * L / max(seconds, 1e-9))
+
+
+def storage_bytes_per_token(root: Path) -> dict[str, float]:
+    """Bytes on disk per cached token, per source (all shard files, .npy headers included)."""
+    manifest = json.loads((Path(root) / MANIFEST).read_text())
+    out = {}
+    for name, entry in manifest["sources"].items():
+        size = sum(f["bytes"] for r in entry["shards"] for f in r["files"].values())
+        out[name] = size / max(1, entry["num_sequences"] * manifest["seq_len"])
+    return out
+
+
+__all__ = ["CacheError", "load_fit_config", "precompute", "storage_bytes_per_token"]

@@ -1,0 +1,200 @@
+"""Offline mode: `lightning-fuse precompute` writes the sources' outputs once; CachedTextDataModule serves them."""
+
+import json
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from lightning_fuse import FusionModule, SourceSpec, TextDataModule
+from lightning_fuse.cache import CacheCorruptError, CacheMismatchError, SourceWriter
+from lightning_fuse.cli import main
+from lightning_fuse.offline import CachedTextDataModule
+from lightning_fuse.precompute import precompute
+
+NAMES = ("words", "sums")
+BLOCK, BATCH, SHARD = 32, 16, 64  # tiny world: 750 train blocks -> 12 shards per source, 150 val blocks -> 3
+
+
+def write_config(world, path: Path, cache_dir: Path) -> str:
+    """A `lightning-fuse fit` config (trainer and seed included: precompute ignores them)."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {"max_steps": 2, "accelerator": "cpu"},
+        "model": {"class_path": "lightning_fuse.FusionModule", "init_args": {
+            "target": world["target"], "sources": [{"name": n, "path": world[n]} for n in NAMES],
+            "selector_features": "rewards", "offline": True}},
+        "data": {"class_path": "lightning_fuse.offline.CachedTextDataModule", "init_args": {
+            "data_dir": world["corpus"], "cache_dir": str(cache_dir), "block_size": BLOCK, "batch_size": BATCH}},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def run_precompute(config: str) -> Path:
+    return precompute(config, shard_size=SHARD, batch_size=BATCH, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_world, tmp_path_factory):
+    """A complete cache (train + val) of the `words` and `sums` sources, built once for this module."""
+    root = tmp_path_factory.mktemp("offline")
+    return run_precompute(write_config(tiny_world, root / "fit.yaml", root / "cache"))
+
+
+def make_module(world, offline, specs=None, seed=0):
+    pl.seed_everything(seed, verbose=False)  # same seed: same target and selector initialisation
+    specs = specs or [SourceSpec(n, world[n]) for n in NAMES]
+    module = FusionModule(target=world["target"], sources=specs, selector_features="rewards", offline=offline)
+    module.configure_model()
+    return module
+
+
+def make_dm(world, cache_dir, module, **kwargs):
+    dm = CachedTextDataModule(world["corpus"], cache_dir=str(cache_dir), block_size=BLOCK, batch_size=BATCH, **kwargs)
+    dm.bind(module)
+    return dm
+
+
+def test_offline_step_equals_online_and_offline_fit_trains(tiny_world, cache):
+    online, offline = make_module(tiny_world, False), make_module(tiny_world, True)
+    assert offline.sources == [] and len(online.sources) == 2
+    dm = make_dm(tiny_world, cache, offline)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["cached"]["words"]["ids"].shape == (BATCH, BLOCK, 10)
+    assert batch["cached"]["sums"]["ce"].shape == (BATCH,)
+    plain_dm = TextDataModule(tiny_world["corpus"], block_size=BLOCK, batch_size=BATCH)
+    plain_dm.connect(online.tokenizer)
+    plain_dm.setup("fit")
+    plain = next(iter(plain_dm.train_dataloader()))  # what an online fit's first step sees
+    assert torch.equal(plain["input_ids"], batch["input_ids"]) and torch.equal(plain["domain"], batch["domain"])
+    r_on, r_off = online._step(plain, "train"), offline._step(batch, "train")
+    torch.testing.assert_close(r_off["source_ce"], r_on["source_ce"], rtol=0, atol=1e-5)  # CE is stored as fp32
+    for key in ("loss", "kd", "selector_loss"):  # log-probs are stored as fp16: |error| <= |x| * 2**-11
+        torch.testing.assert_close(r_off[key], r_on[key], rtol=2e-3, atol=1e-3, msg=key)
+
+    before = {k: v.clone() for k, v in offline.target.state_dict().items()}
+    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2)
+    dm = make_dm(tiny_world, cache, offline)
+    trainer.fit(offline, dm)
+    assert offline.sources == [], "offline fit must not load the sources"
+    assert trainer.global_step == 3
+    assert any(not torch.equal(before[k], v) for k, v in offline.target.state_dict().items())
+    trainer.limit_val_batches = 1.0
+    trainer.validate(offline, dm, verbose=False)  # offline: validation reads the cached val split
+    results = offline.eval_results
+    for domain, other in (("words", "sums"), ("sums", "words")):  # the specialist wins on its own domain
+        assert np.isfinite(results[f"val/{domain}/target_ce"])
+        assert results[f"val/{domain}/{domain}_ce"] < results[f"val/{domain}/{other}_ce"], results
+
+
+def _shard_stats(root: Path, shard: int) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(root.glob(f"shard-{shard:05d}.*.npy"))}
+
+
+def _files(root: Path) -> dict:
+    """Per split and source: identity and every shard file's checksum, from the manifests."""
+    out = {}
+    for split in ("train", "val"):
+        manifest = json.loads((root / split / "manifest.json").read_text())
+        for name, entry in manifest["sources"].items():
+            out[split, name] = (entry["data_id"], entry["model_id"], entry["complete"],
+                                [(r["index"], {f: v["checksum"] for f, v in r["files"].items()}) for r in entry["shards"]])
+    return out
+
+
+def test_precompute_resumes_after_interruption(tiny_world, cache, tmp_path, monkeypatch):
+    config = write_config(tiny_world, tmp_path / "fit.yaml", tmp_path / "cache")
+    real_write = SourceWriter.write_shard
+    written = []
+
+    def interrupted(self, shard, *args, **kwargs):
+        if written:
+            raise KeyboardInterrupt("power cut")
+        written.append((self.name, shard))
+        return real_write(self, shard, *args, **kwargs)
+
+    monkeypatch.setattr(SourceWriter, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_precompute(config)
+    monkeypatch.undo()
+    assert written == [("words", 0)]
+    first = tmp_path / "cache" / "train" / "words"
+    stats = _shard_stats(first, 0)
+    assert len(stats) == 4 and not list(first.glob("shard-00001.*"))
+
+    run_precompute(config)
+    assert _shard_stats(first, 0) == stats, "the finished shard was rewritten"
+    assert _files(tmp_path / "cache") == _files(cache), "resumed cache differs from a clean run"
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a complete cache must not load any source")
+
+    monkeypatch.setattr("lightning_fuse.precompute._load_source", no_loading)
+    run_precompute(config)  # complete: nothing to do
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_shard_is_refused_at_setup(tiny_world, cache, tmp_path, damage):
+    root = tmp_path / "cache"
+    shutil.copytree(cache, root)
+    shard = root / "train" / "sums" / "shard-00003.logprobs.npy"
+    data = bytearray(shard.read_bytes())
+    if damage == "flip":
+        data[-7] ^= 0x01  # one bit of one log-prob: same size, only the checksum sees it
+    else:
+        data = data[: len(data) // 2]
+    shard.write_bytes(bytes(data))
+    dm = make_dm(tiny_world, root, make_module(tiny_world, True))
+    with pytest.raises(CacheCorruptError, match=r"shard-00003\.logprobs\.npy") as err:
+        dm.setup("fit")
+    assert ("checksum" if damage == "flip" else "truncated") in str(err.value)
+    assert "precompute" in str(err.value)
+
+
+def _other_tokenizer(tmp_path, world):
+    from tiny import train_tokenizer
+
+    text = (Path(world["corpus"]) / "words" / "train.txt").read_text()
+    tok = train_tokenizer([text], vocab_size=300)
+    tok.save_pretrained(tmp_path / "tok")
+    return str(tmp_path / "tok")
+
+
+@pytest.mark.parametrize("change", ["model", "tokenizer", "data"])
+def test_cache_for_other_model_tokenizer_or_data_is_refused(tiny_world, cache, tmp_path, change):
+    specs = [SourceSpec(n, tiny_world[n]) for n in NAMES]
+    kwargs = {}
+    if change == "model":
+        specs[0] = SourceSpec("words", tiny_world["general"])  # same name and config, other weights and path
+    elif change == "tokenizer":
+        specs[1] = SourceSpec("sums", tiny_world["sums"], tokenizer=_other_tokenizer(tmp_path, tiny_world))
+    else:
+        kwargs["max_blocks_per_domain"] = 100  # other blocks
+    dm = make_dm(tiny_world, cache, make_module(tiny_world, True, specs), **kwargs)
+    with pytest.raises(CacheMismatchError) as err:
+        dm.setup("fit")
+    message = str(err.value)
+    key = {"model": "source 'words' was built for model_id", "tokenizer": "source 'sums' was built for tokenizer_id",
+           "data": "data_id"}[change]
+    assert key in message and "rerun `lightning-fuse precompute`" in message, message
+
+
+def test_precompute_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["precompute", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config" in out and "--shard_size" in out and "sequences per shard file" in out
+
+
+def test_precompute_through_the_cli(tiny_world, cache, tmp_path, capsys):
+    config = write_config(tiny_world, tmp_path / "fit.yaml", cache)  # the complete cache: nothing to run
+    main(["precompute", "--config", config, "--shard_size", str(SHARD), "--device", "cpu"])
+    assert f"cache in {cache}" in capsys.readouterr().out

@@ -135,7 +135,7 @@ class FusionModule(pl.LightningModule):
     def configure_model(self) -> None:
         """Load the target and the selector (idempotent), then the sources on this process' device."""
         if self.target is None:
-            self.target = self.build_target()
+            self.target = self.build_target().train()  # from_pretrained returns eval mode
             if self.tokenizer is not None and self.target.get_input_embeddings().num_embeddings < len(self.tokenizer):
                 raise ValueError(
                     f"The target's embedding has {self.target.get_input_embeddings().num_embeddings} rows but its "

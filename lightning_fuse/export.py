@@ -20,10 +20,9 @@ def load_module(ckpt: str, load_sources: bool = False):
 
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"`--ckpt` {ckpt!r} is not a file. Pass a checkpoint written by `lightning-fuse fit`.")
-    try:
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated or foreign file: say so instead of a pickle traceback
-        raise ValueError(f"`--ckpt` {ckpt!r} could not be read ({type(err).__name__}: {err}). Is it complete?") from err
+    from lightning_fuse.checkpoint import load_checkpoint_file
+
+    checkpoint = load_checkpoint_file(ckpt, map_location="cpu", weights_only=True)  # one-line error if damaged
     if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"`--ckpt` {ckpt!r} is not a lightning-fuse checkpoint (no hyper_parameters/state_dict).")
     hparams = dict(checkpoint["hyper_parameters"])

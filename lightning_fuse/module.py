@@ -118,7 +118,8 @@ class FusionModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         specs = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in (sources or [])]
-        _validate(specs, strategy, top_k, threshold, clm_weight, distill_loss, temperature, distill_top_k, on_nonfinite)
+        _validate(specs, strategy, top_k, threshold, clm_weight, distill_loss, temperature, distill_top_k, on_nonfinite,
+                  target=target, tokenizer=tokenizer)
         _validate_routing(routing, strategy, selector_features, explore)
         self.save_hyperparameters(ignore=["sources"])
         self.hparams["sources"] = [asdict(s) for s in specs]  # plain dicts: checkpoints need no pickled classes
@@ -190,6 +191,12 @@ class FusionModule(pl.LightningModule):
         sources = []
         for spec in self.source_specs:
             source = FrozenSource.load(spec, device)
+            model_vocab = source.model.get_output_embeddings().weight.shape[0]
+            if model_vocab < len(source.tokenizer):
+                raise ValueError(
+                    f"Source {spec.name!r}: its tokenizer has {len(source.tokenizer)} tokens but the model's vocabulary "
+                    f"has {model_vocab}: they do not belong together. Set `tokenizer` to the model's own tokenizer."
+                )
             if tokenizer_fingerprint(source.tokenizer) != target_fp:
                 source.attach_aligner(self.tokenizer, self.hparams.alignment_cache_dir)
             sources.append(source)
@@ -398,6 +405,21 @@ class FusionModule(pl.LightningModule):
             return ret
         finally:
             self._fault_context = None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """NaN/inf gradients with a finite loss (an overflowing backward) follow ``on_nonfinite`` too."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 AMP: the GradScaler already skips steps with inf gradients
+        bad = next((n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+        if bad is not None:
+            self._nonfinite(f"non-finite gradient of {bad} at step {self.global_step}")
+            optimizer.zero_grad(set_to_none=True)  # skip_batch: AdamW leaves parameters without gradient alone
+
+    def configure_callbacks(self) -> list:
+        """Checkpoints carry the RNG states, so that a resumed fit draws the same random numbers (``explore``)."""
+        from lightning_fuse.checkpoint import RNGState
+
+        return [RNGState()]
 
     def _nonfinite(self, message: str) -> None:
         """Report NaN/inf (with the step and batch index during training): raise (``stop``) or warn once per batch."""

@@ -176,6 +176,7 @@ class CachedTextDataModule(TextDataModule):
         batch_size: blocks per batch (per device).
         val_fraction: share of each domain's blocks held out when it has no ``val.*`` file.
         max_blocks_per_domain: cap on training blocks per domain (None = all), to keep domains balanced.
+        max_val_blocks_per_domain: cap on validation blocks per domain (None = all).
         text_field: JSON field holding the text in .jsonl files.
         num_workers: DataLoader workers.
         seed: seed of the training shuffle.
@@ -190,13 +191,16 @@ class CachedTextDataModule(TextDataModule):
         batch_size: int = 8,
         val_fraction: float = 0.1,
         max_blocks_per_domain: int | None = None,
+        max_val_blocks_per_domain: int | None = None,
         text_field: str = "text",
         num_workers: int = 0,
         seed: int = 0,
         verify: bool = True,
     ) -> None:
         super().__init__(
-            data_dir, block_size, batch_size, val_fraction, max_blocks_per_domain, text_field, num_workers, seed
+            data_dir, block_size=block_size, batch_size=batch_size, val_fraction=val_fraction,
+            max_blocks_per_domain=max_blocks_per_domain, max_val_blocks_per_domain=max_val_blocks_per_domain,
+            text_field=text_field, num_workers=num_workers, seed=seed,
         )
         self.cache_dir = cache_dir
         self.verify = verify

@@ -87,7 +87,9 @@ def test_feedback_prevents_collapse(tiny_world):
     _, res0 = fit(make(tiny_world, ["general", "weak"], **kwargs), tiny_world, 150, [SelectionFeedback(beta=0.0)])
     general0 = (res0["val/words/general_routed"] + res0["val/sums/general_routed"]) / 2
     assert general0 > 0.95, res0
-    feedback = SelectionFeedback(beta=2.0)  # weak's share over seeds 0, 1, 2: 0.50, 0.34, 0.30
+    # hinge: acts only while a source's share is below 0.3. weak's validation share over seeds 0-4 measured
+    # 0.20, 0.50, 0.35, 0.38, 0.24 (cv2 with beta = 2 gave 0.50, 0.34, 0.30, 0.61, 0.05: less reliable)
+    feedback = SelectionFeedback(beta=3.0, mode="hinge", floor=0.3)
     _, res1 = fit(make(tiny_world, ["general", "weak"], **kwargs), tiny_world, 150, [feedback])
     weak1 = (res1["val/words/weak_routed"] + res1["val/sums/weak_routed"]) / 2
     assert floor < weak1 < 1 - floor, res1
@@ -135,14 +137,14 @@ def test_top_k_out_of_range(tiny_world, k):
         make(tiny_world, ["words", "sums"], top_k=k)
 
 
-def test_source_with_another_vocabulary(tiny_world, tmp_path):
-    from tiny import tiny_llama, train_tokenizer
+def test_source_whose_vocabulary_does_not_match_its_tokenizer(tiny_world, tmp_path):
+    """A model with a smaller vocabulary than the tokenizer declared for it (e.g. the wrong tokenizer folder)."""
+    from tiny import tiny_llama
 
-    tok = train_tokenizer(["completely different text " * 50], vocab_size=280)
-    tok.save_pretrained(tmp_path / "other")
-    tiny_llama(len(tok)).save_pretrained(tmp_path / "other")
-    module = FusionModule(target=tiny_world["target"], sources=[SourceSpec("other", str(tmp_path / "other"))])
-    with pytest.raises(ValueError, match="Source 'other' uses another tokenizer than the target"):
+    tiny_llama(280).save_pretrained(tmp_path / "small_vocab")
+    spec = SourceSpec("small", str(tmp_path / "small_vocab"), tokenizer=tiny_world["tokenizer"])
+    module = FusionModule(target=tiny_world["target"], sources=[spec])
+    with pytest.raises(ValueError, match=r"Source 'small': its tokenizer has 320 tokens but the model's vocabulary has 280"):
         module.configure_model()
 
 

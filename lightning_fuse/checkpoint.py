@@ -1,0 +1,277 @@
+"""Checkpoints that survive crashes: atomic writes, clear errors for damaged files, no non-finite states on disk.
+
+``AtomicCheckpointIO`` is the Lightning ``CheckpointIO`` plugin that ``lightning-fuse fit`` uses by default
+(``Trainer(plugins=[AtomicCheckpointIO()])`` with the Python API). It
+
+- writes a checkpoint to a temporary file in the destination folder, flushes and fsyncs it, then renames it over the
+  destination (``os.replace``: atomic on POSIX and Windows) and fsyncs the folder: a crash (SIGKILL, power loss,
+  a full disk) leaves either the previous checkpoint or the new one, never a truncated file;
+- refuses to write a checkpoint whose weights, optimizer state or callback statistics hold NaN/inf (``NonFiniteState``):
+  the last checkpoint on disk is always a finite state to resume from;
+- turns a truncated or corrupt checkpoint given to ``ckpt_path`` into a one-line ``CheckpointError`` that names a
+  checkpoint to use instead, rather than a pickle/zip traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (truncated, corrupt, or not a checkpoint)."""
+
+
+class NonFiniteState(FloatingPointError):
+    """Refused to write a checkpoint holding NaN/inf values."""
+
+
+def _is_local(path: str | os.PathLike) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace`` onto ``path``."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+# Callback states whose scores are legitimately +-inf (ModelCheckpoint's kth_value, EarlyStopping's best_score).
+_SCORE_CALLBACKS = ("ModelCheckpoint", "EarlyStopping")
+
+
+def first_nonfinite(checkpoint: dict[str, Any]) -> str | None:
+    """Where the first NaN/inf of a checkpoint's weights, optimizer states or callback states is, or None."""
+    parts = {k: checkpoint[k] for k in ("state_dict", "optimizer_states") if k in checkpoint}
+    callbacks = checkpoint.get("callbacks") or {}
+    parts["callbacks"] = {k: v for k, v in callbacks.items() if not str(k).startswith(_SCORE_CALLBACKS)}
+    return _find_nonfinite(parts, "")
+
+
+def _find_nonfinite(obj: Any, where: str) -> str | None:
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            if obj.is_meta or not bool(torch.isfinite(obj).all()):
+                return where or "<tensor>"
+        return None
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else where
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for key, value in items:
+        found = _find_nonfinite(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def previous_checkpoint(path: str | os.PathLike) -> str | None:
+    """The newest other ``.ckpt`` beside ``path`` that looks complete (a readable zip), or None."""
+    path = Path(path)
+    try:
+        others = [p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve() and p.is_file()]
+    except OSError:
+        return None
+    for candidate in sorted(others, key=lambda p: p.stat().st_mtime, reverse=True):
+        if zipfile.is_zipfile(candidate):
+            try:
+                with zipfile.ZipFile(candidate) as z:
+                    if z.testzip() is None:
+                        return str(candidate)
+            except (OSError, zipfile.BadZipFile):
+                continue
+    return None
+
+
+def corrupt_checkpoint_error(path: str | os.PathLike, err: BaseException) -> CheckpointError:
+    """The one-line error for a checkpoint that could not be read."""
+    cause = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else 'no details'}"
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    other = previous_checkpoint(path)
+    hint = f": {other}" if other else f" (none found in {folder}: start again without `ckpt_path`)"
+    return CheckpointError(
+        f"checkpoint {os.fspath(path)} is truncated or corrupt ({cause}); use another checkpoint, "
+        f"e.g. the previous one in {folder}{hint}"
+    )
+
+
+def checkpoint_error(path: str | os.PathLike, err: BaseException) -> CheckpointError:
+    """The one-line error for ``torch.load(path)`` failing with ``err`` (raise it ``from None``)."""
+    if "Weights only load failed" in str(err):
+        first = next((line for line in str(err).splitlines() if "Unsupported global" in line), "")
+        return CheckpointError(
+            f"checkpoint {os.fspath(path)} holds Python objects that safe loading (weights_only=True) refuses"
+            f"{f' ({first.strip()})' if first else ''}; load it with weights_only=False only if you trust "
+            "where it comes from."
+        )
+    return corrupt_checkpoint_error(path, err)
+
+
+def load_checkpoint_file(
+    path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool | None = False
+) -> dict[str, Any]:
+    """``torch.load`` of a Lightning checkpoint with a one-line ``CheckpointError`` if it is damaged.
+
+    A missing file gives ``FileNotFoundError``; a file that loads but is not a dict gives ``CheckpointError``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {os.fspath(path)} does not exist. Pass a checkpoint written by a fit.")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as err:  # truncated zip, pickle garbage, foreign file: one line, no pickle traceback
+        raise checkpoint_error(path, err) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {os.fspath(path)} holds a {type(checkpoint).__name__}, not a checkpoint.")
+    return checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` with atomic, fsynced writes, a non-finite guard and clear errors for damaged files.
+
+    Args:
+        check_finite: refuse (``NonFiniteState``) to write a checkpoint whose weights, optimizer states or callback
+            statistics hold NaN/inf, so that the last checkpoint on disk is always one to resume from.
+    """
+
+    def __init__(self, check_finite: bool = True) -> None:
+        super().__init__()
+        self.check_finite = check_finite
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"`{type(self).__name__}` does not take `storage_options`.")
+        if self.check_finite:
+            where = first_nonfinite(checkpoint)
+            if where is not None:
+                error = NonFiniteState(
+                    f"refusing to write checkpoint {path}: {where} holds NaN/inf (step "
+                    f"{checkpoint.get('global_step', '?')}). The previous checkpoint in {os.path.dirname(str(path))} "
+                    "is the last finite state; resume from it with a lower learning rate or "
+                    "`--model.on_nonfinite skip_batch`."
+                )
+                if sys.exc_info()[1] is not None:  # a checkpoint on exception: keep the original error in front
+                    log.error("%s", error)
+                    return
+                raise error
+        if not _is_local(path):
+            super().save_checkpoint(checkpoint, path)
+            return
+        atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
+
+    def load_checkpoint(
+        self, path: Any, map_location: Callable | Any = lambda storage, loc: storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        fs = get_filesystem(path)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        if not _is_local(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        return load_checkpoint_file(str(path).removeprefix("file://"), map_location, weights_only)
+
+
+def find_last_checkpoint(trainer: Any) -> str | None:
+    """The newest ``last*.ckpt`` of a fit, also across logger versions (``ckpt_path="last"`` looks in one only).
+
+    A fresh process gets a new logger version (``version_<n+1>``), so Lightning's ``ckpt_path="last"`` does not see
+    the checkpoints that ``ModelCheckpoint`` without ``dirpath`` wrote under the previous version. This looks in the
+    ``ModelCheckpoint`` folders given explicitly, in ``<logger root_dir>/version_*/checkpoints`` of each logger, and
+    in ``<default_root_dir>/checkpoints`` and ``<default_root_dir>/*/version_*/checkpoints``.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    folders: list[Path] = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath and _is_local(callback.dirpath):
+            folders.append(Path(callback.dirpath))
+    for logger in trainer.loggers:
+        root = getattr(logger, "root_dir", None)
+        if root and _is_local(root):
+            folders += Path(root).glob("version_*/checkpoints")
+    if trainer.default_root_dir and _is_local(trainer.default_root_dir):
+        root = Path(trainer.default_root_dir)
+        folders += [root / "checkpoints", *root.glob("*/version_*/checkpoints")]
+    found = {p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt") if p.is_file()}
+    if not found:
+        return None
+    return str(max(found, key=lambda p: p.stat().st_mtime))
+
+
+class RNGState(Callback):
+    """Saves the random number generators' states (torch CPU and CUDA, numpy, Python) in every checkpoint and restores
+    them on resume, so that a resumed fit draws the same random numbers (dropout, ``explore``) as an uninterrupted one.
+
+    Under DDP the checkpoint holds rank 0's states, and every rank gets them back: exact when the ranks were seeded
+    alike (``seed_everything``, as LightningCLI does) and draw alike. States are plain tensors and lists (no pickle).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        _, keys, pos, has_gauss, cached = np.random.get_state()
+        version, mt, gauss = random.getstate()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached)},
+            "python": {"version": version, "state": list(mt), "gauss": gauss},
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        n = state_dict["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+        p = state_dict["python"]
+        random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+        if "cuda" in state_dict and torch.cuda.is_available():
+            states = state_dict["cuda"]
+            if len(states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states)

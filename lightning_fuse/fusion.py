@@ -151,6 +151,7 @@ def distill_loss(
     mask: Tensor,
     kind: DistillLoss = "forward_kl",
     temperature: float = 1.0,
+    student_logprobs: Tensor | None = None,
 ) -> Tensor:
     """Mean divergence between the teacher ``P`` and the student ``Q`` over positions where ``mask`` is True.
 
@@ -161,13 +162,18 @@ def distill_loss(
         kind: ``forward_kl`` = KL(P || Q) (soft-target CE up to P's entropy), ``reverse_kl`` = KL(Q || P),
             ``jsd`` = Jensen-Shannon divergence.
         temperature: softens both distributions; the loss is scaled by ``temperature ** 2``.
+        student_logprobs: ``log_softmax(student_logits)`` if the caller already has it (reused when T = 1, which
+            saves one ``[B, L, V]`` float32 tensor).
 
     Returns:
         A scalar; 0 (with a gradient path) if ``mask`` is all False.
     """
     if kind not in DISTILL_LOSSES:
         raise ValueError(f"`distill_loss` can be {', '.join(DISTILL_LOSSES)}, got {kind!r}.")
-    student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    if student_logprobs is not None and temperature == 1.0:
+        student = student_logprobs
+    else:
+        student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     p, log_p, q, log_q = _coarse(student, teacher, temperature)
     if kind == "forward_kl":
         per_pos = (torch.xlogy(p, p) - p * log_q).sum(-1)

@@ -321,7 +321,8 @@ class FusionModule(pl.LightningModule):
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=self.sources_needed
         )
         logits = out.logits
-        target_logprob = torch.log_softmax(logits.float(), -1).gather(-1, gold.unsqueeze(-1)).squeeze(-1) * mask
+        student_logprobs = torch.log_softmax(logits.float(), -1)
+        target_logprob = student_logprobs.gather(-1, gold.unsqueeze(-1)).squeeze(-1) * mask
         clm = -target_logprob.sum() / mask.sum().clamp_min(1)
         result: dict[str, Any] = {"clm": clm, "target_ce": sequence_ce(target_logprob.detach(), mask), "mask": mask}
         result["target_correct"] = (logits.detach().argmax(-1) == gold) & mask
@@ -344,7 +345,7 @@ class FusionModule(pl.LightningModule):
             result["loss"] = clm
             return result
         teacher = self.fuse_distributions(outputs, selection.weights.detach())
-        kd = distill_loss(logits, teacher, mask, h.distill_loss, h.temperature)
+        kd = distill_loss(logits, teacher, mask, h.distill_loss, h.temperature, student_logprobs=student_logprobs)
         loss = h.clm_weight * clm + (1.0 - h.clm_weight) * kd
         result["kd"] = kd
         if h.strategy == "adaptive":

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from lightning_fuse.io import write_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +63,7 @@ def export(ckpt: str, out: str, dtype: str | None = None) -> Path:
     target = module.target
     if dtype is not None:
         target = target.to(getattr(torch, dtype))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-    try:
-        target.save_pretrained(tmp, safe_serialization=True)
-        module.tokenizer.save_pretrained(tmp)
-        info = {k: v for k, v in module.hparams.items()}
-        (tmp / "lightning_fuse.json").write_text(json.dumps({"checkpoint": os.path.abspath(ckpt), "hparams": info}, indent=2, default=str))
-        if out_path.exists():
-            out_path.rmdir()
-        os.replace(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    meta = {"checkpoint": os.path.abspath(ckpt), "hparams": dict(module.hparams)}
+    write_model_folder(out_path, target, module.tokenizer, {"lightning_fuse.json": meta})
     log.info("exported the fused target to %s", out_path)
     return out_path

@@ -18,18 +18,16 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from lightning_fuse.io import write_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +241,7 @@ def merge_models(
 
     Every model is loaded with ``AutoModelForCausalLM.from_pretrained`` in ``dtype``; tensors are merged in at
     least float32 and stored back in ``dtype``. The result (safetensors), the tokenizer of the first model (if
-    it has one) and ``merge_config.json`` are written to ``out_dir.tmp-<id>`` and then renamed to ``out_dir``,
+    it has one) and ``merge_config.json`` are written to a temp folder beside ``out_dir`` and then renamed to it
     so ``out_dir`` never holds a half-written model.
 
     Args:
@@ -333,17 +331,6 @@ def merge_models(
         merge_config |= {"base_path": str(base_path), "density": density, "lambda_": lambda_}
     merge_config["dtype"] = dtype
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f"{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        target.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "merge_config.json").write_text(json.dumps(merge_config, indent=2) + "\n")
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_model_folder(out_dir, target, tokenizer, {"merge_config.json": merge_config})
     log.info("Saved merged model to `%s`.", out_dir)
     return out_dir

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -149,15 +148,28 @@ def _use_8bit(spec: SourceSpec, device: torch.device) -> bool:
     return bool(spec.load_in_8bit)
 
 
-_BNB_CPU_NOTICE_FILTERED = False
+class _OnceFilter(logging.Filter):
+    """Lets the first record whose message starts with ``prefix`` through, drops the repeats, keeps all others."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
 
 
 def _filter_bnb_cpu_notice() -> None:
-    """bitsandbytes' int8 matmul on CPU warns at every call that it casts to fp16: say it once in our log instead."""
-    global _BNB_CPU_NOTICE_FILTERED
-    if not _BNB_CPU_NOTICE_FILTERED:
-        warnings.filterwarnings("ignore", message=r".*MatMul8bitLt: inputs will be cast from.*")
-        _BNB_CPU_NOTICE_FILTERED = True
+    """bitsandbytes' int8 matmul on CPU logs at every call that it casts its inputs to fp16: show it once."""
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OnceFilter) for f in bnb_log.filters):
+        bnb_log.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast from"))
 
 
 class FrozenSource:

@@ -76,14 +76,14 @@ def format_table(results: Mapping[str, float], stage: str = "val") -> str:
     if not table:
         return "(no per-domain results)"
     models = sorted({m for rows in table.values() for m, v in rows.items() if "ce" in v}, key=lambda m: (m != "target", m))
-    head = f"{'domain':<14}" + "".join(f"{m[:14]:>16}" for m in models)
+    head = f"{'domain':<14}" + "".join(f" {m[:18]:>19}" for m in models)
     lines = ["loss (nats/token) / perplexity / next-token accuracy", head]
     for domain, rows in table.items():
         cells = []
         for m in models:
             v = rows.get(m, {})
             cells.append(f"{v['ce']:.3f}/{v['ppl']:.1f}/{v.get('acc', math.nan):.2f}" if "ce" in v else "-")
-        lines.append(f"{domain:<14}" + "".join(f"{c:>16}" for c in cells))
+        lines.append(f"{domain:<14}" + "".join(f" {c:>19}" for c in cells))
     shares = selection_matrix(results, stage)
     sources = sorted({s for row in shares.values() for s in row})
     if sources:

@@ -411,7 +411,10 @@ class FusionModule(pl.LightningModule):
         """NaN/inf gradients with a finite loss (an overflowing backward) follow ``on_nonfinite`` too."""
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return  # fp16 AMP: the GradScaler already skips steps with inf gradients
-        bad = next((n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+        grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):  # one device sync
+            return
+        bad = next((n for n, g in grads if not torch.isfinite(g).all()), None)
         if bad is not None:
             self._nonfinite(f"non-finite gradient of {bad} at step {self.global_step}")
             optimizer.zero_grad(set_to_none=True)  # skip_batch: AdamW leaves parameters without gradient alone

@@ -1,0 +1,615 @@
+"""Fusion quality: knowledge interference of every fusion strategy against the per-domain oracle (METHOD.md §7).
+
+Usage: python benchmarks/quality.py            # full benchmark (default demo assets, 3 seeds)
+       python benchmarks/quality.py --fast     # CI smoke run: FAST_BUILD assets, 1 seed, few steps, 4 methods
+
+World: the embedded demo's 3 real-text domains (python stdlib source, licences, Debian changelogs) and N = 7
+frozen sources sharing its tokenizer: the demo's 3 specialists and its ``weak`` source, plus three built here and
+cached next to the demo assets: ``weak_s1`` (10 steps on the mixed domains, another seed), ``c_headers`` and
+``manpages`` (specialists on off-domain machine text: /usr/include/**/*.h and /usr/share/man/man?/*.gz).
+The sources run once over the corpus (``lightning_fuse.precompute``, offline cache); every fit reads that cache.
+
+Every method trains the same target (the demo's architecture, initialised with the seed's own init, identical
+across methods) on the same batches for the same number of steps, in a distillation-heavy regime
+(``clm_weight`` lambda = 0.1). ``oracle`` is one run whose fusion weights put 1 on each sample's own domain
+specialist (from ``batch["domain"]``): per domain, a target distilled from the right specialist only.
+Interference = mean over domains of (loss - oracle loss) on held-out text of each domain, per seed, then mean and
+spread (sample std) over seeds. Two fits run in parallel (one thread each).
+
+Writes benchmarks/results/quality.md (table) and benchmarks/results/quality.png (plot); prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DOMAIN_SPECIALISTS = ("python", "licenses", "changelog")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Regime:
+    """What every fit shares (same steps, data, target init per seed)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    block_size: int = 128
+    max_blocks_per_domain: int = 1000
+    clm_weight: float = 0.1
+    learning_rate: float = 2e-3
+    selector_learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    distill_top_k: int = 10
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+FAST_REGIME = Regime(steps=30, batch_size=8, block_size=64, max_blocks_per_domain=120, seeds=(0,))
+
+# name -> (FusionModule kwargs, SelectionFeedback kwargs or None)
+METHODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
+    "clm": ({"strategy": "clm"}, None),
+    "uniform": ({"strategy": "uniform"}, None),
+    "min_ce": ({"strategy": "min_ce"}, None),
+    "avg_ce": ({"strategy": "avg_ce"}, None),
+    "adaptive k1 b0 (MLP)": ({"strategy": "adaptive", "top_k": 1}, {"beta": 0.0}),
+    "adaptive k1 b0": ({"strategy": "adaptive", "top_k": 1, "selector_prior": True}, {"beta": 0.0}),
+    "adaptive k2 b0": ({"strategy": "adaptive", "top_k": 2, "selector_prior": True}, {"beta": 0.0}),
+    "adaptive k2 cv2": ({"strategy": "adaptive", "top_k": 2, "selector_prior": True}, {"beta": 0.1, "mode": "cv2"}),
+    "adaptive k2 hinge": ({"strategy": "adaptive", "top_k": 2, "selector_prior": True}, {"beta": 0.1, "mode": "hinge", "floor": 0.02}),
+    "oracle": ({"strategy": "uniform", "oracle": True}, None),
+}
+FAST_METHODS = ("clm", "uniform", "adaptive k1 b0", "oracle")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Assets: the demo build plus three extra sources, and the offline cache of every source's outputs
+
+
+def _off_domain_files(name: str) -> list[Path]:
+    if name == "c_headers":
+        return sorted(p for p in Path("/usr/include").rglob("*.h") if p.is_file())
+    if name == "manpages":
+        return sorted(p for p in Path("/usr/share/man").glob("man[1-8]/*.gz") if p.is_file())
+    raise ValueError(name)
+
+
+EXTRA_SOURCES = {  # name -> (kind, steps as a share of the demo's specialist steps, seed offset)
+    "weak_s1": ("weak", None, 1),
+    "c_headers": ("off_domain", 0.5, 2),
+    "manpages": ("off_domain", 0.5, 3),
+}
+
+
+def _build_extra_source(name: str, root: Path, out_root: Path, settings: Any) -> None:
+    """One extra source, built with the demo's own trainer (same architecture and tokenizer) and cached."""
+    from lightning_fuse import demo
+
+    out = out_root / name
+    if out.is_dir():
+        return
+    kind, share, seed_offset = EXTRA_SOURCES[name]
+    tokenizer = demo._load_tokenizer(root / "tokenizer")
+    tokens = {d: {"val": demo._encode(tokenizer, (root / "corpus" / d / "val.txt").read_text("utf-8"))}
+              for d in settings.domains}
+    if kind == "weak":
+        for d in settings.domains:
+            tokens[d]["train"] = demo._encode(tokenizer, (root / "corpus" / d / "train.txt").read_text("utf-8"))
+        s = dataclasses.replace(settings, seed=settings.seed + 100 * seed_offset)
+        build_name = demo.WEAK
+    else:
+        docs, used = [], 0
+        for path in _off_domain_files(name):
+            if used >= settings.byte_budget:
+                break
+            data = demo._read_head(path, min(settings.max_file_bytes, settings.byte_budget - used))
+            if data.strip():
+                docs.append(data.decode("utf-8", errors="replace"))
+                used += len(data)
+        tokens[name] = {"train": demo._encode(tokenizer, "\n\n".join(docs))}
+        s = dataclasses.replace(settings, steps=max(1, int(settings.steps * share)),
+                                seed=settings.seed + 100 * seed_offset)
+        build_name = name
+    out_root.mkdir(parents=True, exist_ok=True)
+    with demo._atomic_dir(out_root, out) as tmp:
+        demo._build_source(build_name, 0, tokenizer, tokens, tmp, s)
+        meta = json.loads((tmp / demo.META_FILE).read_text())
+        (tmp / demo.META_FILE).write_text(json.dumps({**meta, "name": name, "kind": kind}, indent=2))
+
+
+def prepare(fast: bool, regime: Regime) -> dict[str, Any]:
+    """Build (or find) the demo assets, the extra sources and the offline cache; return their paths."""
+    from lightning_fuse import demo
+
+    kwargs = demo.FAST_BUILD if fast else {}
+    t0 = time.perf_counter()
+    root = demo.build_demo_assets(**kwargs)
+    settings = demo.DemoSettings(**kwargs)
+    extra_digest = hashlib.sha256(json.dumps([settings.digest(), EXTRA_SOURCES], sort_keys=True).encode()).hexdigest()[:10]
+    bench_root = root.parent / f"quality-{extra_digest}"
+    for name in EXTRA_SOURCES:
+        _build_extra_source(name, root, bench_root / "sources", settings)
+    sources = [{"name": n, "path": str(root / "sources" / n)} for n in settings.source_names]
+    sources += [{"name": n, "path": str(bench_root / "sources" / n)} for n in EXTRA_SOURCES]
+    data = {"data_dir": str(root / "corpus"), "block_size": regime.block_size, "batch_size": regime.batch_size,
+            "max_blocks_per_domain": regime.max_blocks_per_domain}
+    cache_dir = bench_root / f"cache-{regime.block_size}-{regime.max_blocks_per_domain}-{regime.distill_top_k}"
+    config = {
+        "model": {"class_path": "lightning_fuse.FusionModule", "init_args": {
+            "target": str(root / "target"), "sources": sources, "offline": True, "strategy": "uniform",
+            "distill_top_k": regime.distill_top_k}},
+        "data": {"class_path": "lightning_fuse.offline.CachedTextDataModule",
+                 "init_args": {**data, "cache_dir": str(cache_dir)}},
+    }
+    config_file = bench_root / f"precompute-{cache_dir.name}.yaml"
+    config_file.write_text(json.dumps(config, indent=1))  # JSON is YAML
+    from lightning_fuse.cache import CacheMismatchError
+    from lightning_fuse.precompute import precompute
+
+    with contextlib.redirect_stdout(io.StringIO()):  # checks the cache against the blocks; runs what is missing
+        try:
+            precompute(str(config_file), batch_size=16, device="cpu")
+        except CacheMismatchError:  # built for other blocks (e.g. the corpus or the packing changed): rebuild
+            precompute(str(config_file), batch_size=16, device="cpu", overwrite=True)
+    matrix = {}
+    for s in sources:
+        meta = json.loads((Path(s["path"]) / demo.META_FILE).read_text())
+        matrix[s["name"]] = meta["val_loss"]
+    return {"root": str(root), "bench_root": str(bench_root), "sources": sources, "data": data,
+            "cache_dir": str(cache_dir), "demo": "FAST_BUILD" if fast else "default", "prepare_s": time.perf_counter() - t0,
+            "build_loss_matrix": matrix}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One fit (runs in a worker process)
+
+
+def _module_class():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lightning_fuse import FusionModule
+    from lightning_fuse.selector import Selection, Selector
+
+    class PriorSelector(Selector):
+        """Selector whose logits are ``MLP(features) + s * (log r_k - mean_j log r_j)`` = MLP + s * (mean CE - CE_k).
+
+        The MLP's output layer starts at zero and ``s`` at 1: at step 0 the gate is softmax(-CE) (avg_ce's weights)
+        and its top-1 is min_ce's choice, so the target never distils randomly chosen sources while the selector
+        is still untrained; the MLP then learns corrections from the mixture likelihood.
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.prior_scale = torch.nn.Parameter(torch.ones(()))
+            torch.nn.init.zeros_(self.mlp[-1].weight)
+            torch.nn.init.zeros_(self.mlp[-1].bias)
+
+        def forward(self, rewards=None, hidden=None):
+            logits = super().forward(rewards, hidden)
+            log_r = rewards.float().clamp_min(1e-30).log()
+            return logits + self.prior_scale * (log_r - log_r.mean(-1, keepdim=True))
+
+    class QualityFusion(FusionModule):
+        """FusionModule with a per-seed target init, an ``oracle`` mode and an optional ``PriorSelector``.
+
+        ``oracle``: the weights put 1 on each sample's own domain specialist (``batch["domain"]``), so that every
+        domain is distilled from its right specialist only: one run stands for the D per-domain oracles.
+        """
+
+        def __init__(self, init_seed: int = 0, oracle: bool = False, selector_prior: bool = False,
+                     **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.init_seed = init_seed
+            self.oracle = oracle
+            self.selector_prior = selector_prior
+
+        def build_selector(self) -> Selector:
+            if not self.selector_prior:
+                return super().build_selector()
+            h = self.hparams
+            hidden = self.target_config.hidden_size
+            return PriorSelector(len(self.source_specs), hidden, h.selector_features, h.selector_width, h.top_k,
+                                 h.threshold)
+
+        def configure_optimizers(self) -> Any:
+            """AdamW as FusionModule's, with linear warm-up then cosine decay to 10% (as the demo's sources): the
+            final loss is read at a small learning rate, which makes it less noisy than at a constant one."""
+            config = super().configure_optimizers()
+            warmup, total = max(1, self.hparams.warmup_steps), max(2, self.trainer.max_steps)
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / warmup
+                return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(config["optimizer"], factor)
+            return {"optimizer": config["optimizer"], "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            """Clip the target's gradient norm to 1 (not the selector's: every method's target steps alike)."""
+            torch.nn.utils.clip_grad_norm_(self.target.parameters(), 1.0)
+
+        def build_target(self) -> torch.nn.Module:
+            with torch.random.fork_rng():
+                torch.manual_seed(10_000 + self.init_seed)
+                return AutoModelForCausalLM.from_config(self.target_config)
+
+        def run_sources(self, batch, rows=None):
+            self._batch_domain = batch["domain"]
+            return super().run_sources(batch, rows)
+
+        def fusion_weights(self, outputs, features):
+            if self.hparams.strategy == "clm":  # evaluation of clm with sources: FusionModule raises (see report)
+                w = torch.full((len(outputs[0].ce), len(outputs)), 1.0 / len(outputs), device=outputs[0].ce.device)
+                return Selection(w, w > 0, w)
+            if not self.oracle:
+                return super().fusion_weights(outputs, features)
+            domains = self.trainer.datamodule.domains
+            column = torch.tensor([self.source_names.index(d) for d in domains], device=self._batch_domain.device)
+            w = torch.nn.functional.one_hot(column[self._batch_domain], len(self.source_names)).float()
+            return Selection(w, w > 0, w)
+
+    return QualityFusion
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Fit one (method, seed) and return its per-domain validation results."""
+    import logging
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    import lightning.pytorch as pl
+    from transformers.utils import logging as hf_logging
+
+    from lightning_fuse import SelectionFeedback
+    from lightning_fuse.offline import CachedTextDataModule
+
+    for name in ("lightning", "lightning.pytorch", "lightning_fuse"):  # after the imports, which set their levels
+        logging.getLogger(name).setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+
+    t0 = time.perf_counter()
+    r: Regime = Regime(**job["regime"])
+    module_kwargs, feedback = job["module"], job["feedback"]
+    pl.seed_everything(job["seed"], verbose=False)
+    module = _module_class()(
+        init_seed=job["seed"], target=str(Path(job["root"]) / "target"), sources=job["sources"], offline=True,
+        selector_features=job.get("selector_features", "rewards"), clm_weight=r.clm_weight,
+        learning_rate=r.learning_rate, selector_learning_rate=r.selector_learning_rate, warmup_steps=r.warmup_steps,
+        distill_top_k=r.distill_top_k, **module_kwargs,
+    )
+    dm = CachedTextDataModule(**job["data"], cache_dir=job["cache_dir"], seed=job["seed"], verify=False)
+    callbacks = [SelectionFeedback(**feedback)] if feedback is not None else []
+    trainer = pl.Trainer(
+        max_steps=r.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, dm)
+    fit_s = time.perf_counter() - t0
+    trainer.limit_val_batches = 1.0
+    with contextlib.redirect_stdout(io.StringIO()):  # FusionModule prints its per-domain table on validate
+        trainer.validate(module, dm, verbose=False)
+    return {"method": job["method"], "seed": job["seed"], "results": dict(module.eval_results),
+            "fit_s": fit_s, "seconds": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Aggregation, table, plot
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def aggregate(runs: list[dict[str, Any]], methods: list[str], source_names: list[str]) -> dict[str, Any]:
+    """Per method: per-domain loss, mean loss, interference (+ normalised, + reductions) as mean/std over seeds."""
+    from lightning_fuse.evaluation import domain_losses, interference, normalised_interference, reduction
+
+    by = {(r["method"], r["seed"]): r["results"] for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    domains = sorted(domain_losses(runs[0]["results"]))
+    rows: dict[str, dict[str, Any]] = {}
+    per_seed: dict[str, dict[int, dict[str, float]]] = {}
+    for m in methods:
+        per_seed[m] = {}
+        for s in seeds:
+            if (m, s) not in by or ("oracle", s) not in by:
+                continue
+            loss = domain_losses(by[(m, s)])
+            oracle = domain_losses(by[("oracle", s)])
+            v = {f"loss/{d}": loss[d] for d in domains}
+            v["mean"] = statistics.fmean(loss.values())
+            v["interference"] = interference(loss, oracle)
+            if ("clm", s) in by:
+                v["normalised_seed"] = normalised_interference(loss, oracle, domain_losses(by[("clm", s)]))
+            per_seed[m][s] = v
+    for m in methods:
+        keys = sorted({k for v in per_seed[m].values() for k in v})
+        rows[m] = {k: _mean_std([v.get(k, math.nan) for v in per_seed[m].values()]) for k in keys}
+        rows[m]["n"] = len(per_seed[m])
+    for m in methods:  # ratios of the seed means (a mean of per-seed ratios explodes when a denominator is ~0)
+        if not rows[m]["n"]:
+            continue
+        mean = rows[m]["interference"][0]
+        if "clm" in rows and rows["clm"]["n"]:
+            gain = rows["clm"]["interference"][0]
+            rows[m]["normalised"] = mean / gain if gain > 0 else math.nan
+        for ref in ("uniform", "avg_ce"):
+            if ref in rows and rows[ref]["n"]:
+                rows[m][f"vs_{ref}"] = reduction(mean, rows[ref]["interference"][0])
+    sources = {}  # every single source's loss (from the cached outputs, identical across runs)
+    res = runs[0]["results"]
+    for name in source_names:
+        loss = domain_losses(res, name)
+        if loss:
+            sources[name] = {**{f"loss/{d}": loss[d] for d in domains}, "mean": statistics.fmean(loss.values())}
+    shares = {}
+    for m in methods:
+        if any(f"val/{d}/{source_names[0]}_share" in by.get((m, seeds[0]), {}) for d in domains):
+            shares[m] = {d: {n: statistics.fmean(by[(m, s)].get(f"val/{d}/{n}_share", math.nan) for s in seeds
+                                                 if (m, s) in by) for n in source_names} for d in domains}
+    return {"rows": rows, "per_seed": per_seed, "domains": domains, "seeds": seeds, "sources": sources,
+            "shares": shares}
+
+
+def _cell(ms: tuple[float, float], fmt: str = ".3f") -> str:
+    m, s = ms
+    if math.isnan(m):
+        return "-"
+    return f"{m:{fmt}} ± {s:{fmt}}"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:{fmt}}"
+
+
+def format_table(agg: dict[str, Any], methods: list[str]) -> str:
+    domains = agg["domains"]
+    head = ["method", *[f"{d} loss" for d in domains], "mean loss", "interference", "normalised",
+            "% red. vs uniform", "% red. vs avg_ce"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        row = agg["rows"].get(m)
+        if not row or not row["n"]:
+            continue
+        cells = [m, *[_cell(row[f"loss/{d}"]) for d in domains], _cell(row["mean"]), _cell(row["interference"]),
+                 _num(row.get("normalised"), ".2f"), _num(row.get("vs_uniform"), ".0f"),
+                 _num(row.get("vs_avg_ce"), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, v in agg["sources"].items():
+        cells = [f"source `{name}`", *[f"{v[f'loss/{d}']:.3f}" for d in domains], f"{v['mean']:.3f}", "", "", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def significance(agg: dict[str, Any], pairs: list[tuple[str, str]]) -> list[str]:
+    """For each pair (a, b): the interference difference, and whether it exceeds twice the seed spread.
+
+    The spread of a difference is the sample std over seeds of the per-seed differences (paired: same seed, same
+    init, same batches), and, conservatively, also the larger of the two methods' own std.
+    """
+    out = []
+    ps = agg["per_seed"]
+    for a, b in pairs:
+        common = sorted(set(ps.get(a, {})) & set(ps.get(b, {})))
+        if not common:
+            continue
+        diffs = [ps[a][s]["interference"] - ps[b][s]["interference"] for s in common]
+        mean, paired = _mean_std(diffs)
+        own = max(agg["rows"][a]["interference"][1], agg["rows"][b]["interference"][1])
+        spread = max(paired, own)
+        verdict = "yes" if len(common) > 1 and abs(mean) > 2 * spread else "no"
+        out.append(f"| {a} − {b} | {mean:+.3f} | {paired:.3f} | {own:.3f} | {verdict} |")
+    return ["| difference of interference | mean | paired std | max own std | > 2 × spread |", "|---|---|---|---|---|",
+            *out]
+
+
+def plot(agg: dict[str, Any], methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [m for m in methods if agg["rows"].get(m, {}).get("n")]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1.2, 1]})
+    ax = axes[0]
+    means = [agg["rows"][m]["interference"][0] for m in rows]
+    stds = [agg["rows"][m]["interference"][1] for m in rows]
+    colors = ["#888" if m in ("clm", "oracle") else "#d62728" if m in ("uniform", "avg_ce", "min_ce") else "#1f77b4"
+              for m in rows]
+    ax.bar(range(len(rows)), means, yerr=stds, color=colors, capsize=3)
+    for i, s in enumerate(agg["seeds"]):
+        ys = [agg["per_seed"][m].get(s, {}).get("interference", math.nan) for m in rows]
+        ax.scatter([x + 0.12 * (i - 1) for x in range(len(rows))], ys, s=8, color="k", zorder=3)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(range(len(rows)), rows, rotation=35, ha="right")
+    ax.set_ylabel("interference (nats/token vs oracle)")
+    ax.set_title(f"Knowledge interference, mean ± std over {len(agg['seeds'])} seed(s)")
+    ax = axes[1]
+    domains = agg["domains"]
+    width = 0.8 / max(1, len(rows))
+    for j, m in enumerate(rows):
+        ys = [agg["rows"][m][f"loss/{d}"][0] for d in domains]
+        es = [agg["rows"][m][f"loss/{d}"][1] for d in domains]
+        ax.bar([i + j * width for i in range(len(domains))], ys, width, yerr=es, label=m)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(domains))], domains)
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Per-domain loss of the fused target")
+    ax.legend(fontsize=7, ncol=2)
+    lo = min(agg["rows"][m][f"loss/{d}"][0] for m in rows for d in domains)
+    hi = max(agg["rows"][m][f"loss/{d}"][0] for m in rows for d in domains)
+    ax.set_ylim(max(0.0, lo - 0.3), hi + 0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fast", action="store_true", help="CI smoke run: FAST_BUILD assets, 1 seed, few steps")
+    parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(METHODS)}")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=2, help="fits run in parallel (one thread each)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for quality.md / quality.png (default benchmarks/results; --fast: a temp folder)")
+    args = parser.parse_args(argv)
+
+    t0 = time.perf_counter()
+    regime = FAST_REGIME if args.fast else Regime()
+    if args.steps is not None:
+        regime = dataclasses.replace(regime, steps=args.steps)
+    if args.seeds:
+        regime = dataclasses.replace(regime, seeds=tuple(args.seeds))
+    methods = list(args.methods or (FAST_METHODS if args.fast else METHODS))
+    for m in ("oracle", "clm"):
+        if m not in methods:
+            methods.append(m)  # interference needs the oracle, normalised interference the clm run
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    methods = [m for m in METHODS if m in methods]
+
+    assets = prepare(args.fast, regime)
+    print(f"assets ready in {assets['prepare_s']:.0f}s ({assets['demo']} demo build at {assets['root']}; "
+          f"extra sources in {assets['bench_root']})", flush=True)
+    jobs = []
+    for seed in regime.seeds:
+        for m in methods:
+            module, feedback = METHODS[m]
+            jobs.append({"method": m, "seed": seed, "module": module, "feedback": feedback,
+                         "regime": dataclasses.asdict(regime), "root": assets["root"], "sources": assets["sources"],
+                         "data": assets["data"], "cache_dir": assets["cache_dir"]})
+    jobs.sort(key=lambda j: (j["module"]["strategy"] != "adaptive", j["seed"]))  # slowest first
+    runs = []
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(max(1, args.workers), maxtasksperchild=1) as pool:
+        for r in pool.imap_unordered(run_one, jobs):
+            runs.append(r)
+            print(f"  [{len(runs):>2}/{len(jobs)}] {r['method']:<18} seed {r['seed']}  {r['seconds']:5.0f}s  "
+                  f"val loss {statistics.fmean(v for k, v in r['results'].items() if k.endswith('/target_ce')):.3f}",
+                  flush=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (Path(assets["bench_root"]) / f"runs-{stamp}.json").write_text(json.dumps({"regime": dataclasses.asdict(regime),
+                                                                             "runs": runs}, indent=1))
+    source_names = [s["name"] for s in assets["sources"]]
+    agg = aggregate(runs, methods, source_names)
+    wall = time.perf_counter() - t0
+    md = render(agg, methods, regime, assets, wall, runs, args.fast)
+    print(md)
+    out = args.out or (Path(tempfile.gettempdir()) / "lightning_fuse_quality_fast" if args.fast else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.md").write_text(md + "\n")
+    plot(agg, methods, out / "quality.png")
+    print(f"wrote {out / 'quality.md'} and {out / 'quality.png'} (wall time {wall / 60:.1f} min)")
+    return 0
+
+
+def _pairs(methods: list[str]) -> list[tuple[str, str]]:
+    adaptive = [m for m in methods if m.startswith("adaptive")]
+    pairs = [(m, o) for m in adaptive for o in ("min_ce", "avg_ce", "uniform")]
+    pairs += [("min_ce", "uniform"), ("avg_ce", "uniform"), ("min_ce", "avg_ce"), ("uniform", "clm")]
+    pairs += [("adaptive k1 b0 (MLP)", "adaptive k1 b0"), ("adaptive k2 b0", "adaptive k1 b0"),
+              ("adaptive k2 cv2", "adaptive k2 b0"), ("adaptive k2 hinge", "adaptive k2 b0")]
+    return [(a, b) for a, b in pairs if a in methods and b in methods]
+
+
+def goals(agg: dict[str, Any], method: str) -> list[str]:
+    """The issue's targets for one adaptive configuration, checked on the seed means."""
+    rows, out = agg["rows"], []
+    if method not in rows or not rows[method]["n"]:
+        return out
+    r = rows[method]
+    inter = r["interference"][0]
+    if "min_ce" in rows and rows["min_ce"]["n"]:
+        ref = rows["min_ce"]["interference"][0]
+        out.append(f"- interference no higher than min_ce's: {inter:+.3f} vs {ref:+.3f}: "
+                   f"{'met' if inter <= ref else 'NOT met'}")
+    for ref, target in (("uniform", 60), ("avg_ce", 50)):
+        if f"vs_{ref}" in r:
+            out.append(f"- >= {target}% lower than {ref}: {r[f'vs_{ref}']:.0f}%: "
+                       f"{'met' if r[f'vs_{ref}'] >= target else 'NOT met'}")
+    if agg["sources"]:
+        best = min(agg["sources"], key=lambda n: agg["sources"][n]["mean"])
+        mean, b = r["mean"][0], agg["sources"][best]["mean"]
+        out.append(f"- domain-average loss below every single source's: {mean:.3f} vs best source `{best}` {b:.3f}: "
+                   f"{'met' if mean < b else 'NOT met'}")
+    return out
+
+
+def render(agg, methods, regime, assets, wall, runs, fast) -> str:
+    src = ", ".join(s["name"] for s in assets["sources"])
+    fit_s = statistics.fmean(r["seconds"] for r in runs)
+    lines = [
+        "# Fusion quality" + (" (--fast smoke run: not a result)" if fast else ""),
+        "",
+        f"Reproduce: `python benchmarks/quality.py{' --fast' if fast else ''}`. Demo build: {assets['demo']}; "
+        f"N = {len(assets['sources'])} sources ({src}), outputs cached once (offline mode). Regime: {regime.steps} "
+        f"steps x {regime.batch_size} blocks of {regime.block_size} tokens, lambda (clm_weight) = {regime.clm_weight}, "
+        f"forward KL on the top-{regime.distill_top_k} union, AdamW lr {regime.learning_rate} ({regime.warmup_steps} "
+        f"warm-up steps, cosine to 10%), target gradient norm clipped to 1, selector lr "
+        f"{regime.selector_learning_rate}, selector features = rewards. Seeds {list(regime.seeds)}: a seed fixes the "
+        "target init, the batch order and the selector init, identical for every method. Oracle: one run whose "
+        "weights put 1 on each sample's own domain specialist. `adaptive kK bB`: top-K selector, feedback weight B "
+        "(cv2 / hinge: the feedback mode); `(MLP)`: FusionModule's plain selector, the others start from the "
+        "CE prior (see the docstring of `PriorSelector`).",
+        "",
+        "Losses: nats/token on held-out text, mean ± sample std over seeds. Interference = mean over domains of "
+        "(loss - oracle loss), per seed, then mean ± std. `normalised` = interference / clm's interference and "
+        "`% red.` = reduction of interference vs uniform / avg_ce, both from the seed means.",
+        f"Wall time {wall / 60:.1f} min (assets {assets['prepare_s']:.0f} s, {len(runs)} fits of {fit_s:.0f} s each "
+        f"on average, 2 in parallel).",
+        "",
+        format_table(agg, methods),
+        "",
+        "Differences of interference, paired by seed; a difference counts when |mean| > 2 x the larger of its paired "
+        "std and the two methods' own std:",
+        "",
+        *significance(agg, _pairs(methods)),
+    ]
+    for m in ("adaptive k2 b0", "adaptive k1 b0"):
+        checks = goals(agg, m)
+        if checks:
+            lines += ["", f"Goals for `{m}` (seed means):", *checks]
+    if agg["shares"]:
+        names = [s["name"] for s in assets["sources"]]
+        lines += ["", "Selection share on held-out text (mean fusion weight, seed mean):", "",
+                  "| method | domain | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for m, per_domain in agg["shares"].items():
+            if m in ("clm", "uniform", "oracle"):
+                continue
+            for d, row in per_domain.items():
+                lines.append(f"| {m} | {d} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

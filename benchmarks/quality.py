@@ -71,11 +71,13 @@ METHODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
     "uniform": ({"strategy": "uniform"}, None),
     "min_ce": ({"strategy": "min_ce"}, None),
     "avg_ce": ({"strategy": "avg_ce"}, None),
-    "adaptive k1 b0 (MLP)": ({"strategy": "adaptive", "top_k": 1}, {"beta": 0.0}),
-    "adaptive k1 b0": ({"strategy": "adaptive", "top_k": 1, "selector_prior": True}, {"beta": 0.0}),
-    "adaptive k2 b0": ({"strategy": "adaptive", "top_k": 2, "selector_prior": True}, {"beta": 0.0}),
-    "adaptive k2 cv2": ({"strategy": "adaptive", "top_k": 2, "selector_prior": True}, {"beta": 0.1, "mode": "cv2"}),
-    "adaptive k2 hinge": ({"strategy": "adaptive", "top_k": 2, "selector_prior": True}, {"beta": 0.1, "mode": "hinge", "floor": 0.02}),
+    "adaptive k1 b0 (no prior)": ({"strategy": "adaptive", "top_k": 1, "selector_prior": False}, {"beta": 0.0}),
+    "adaptive k1 b0": ({"strategy": "adaptive", "top_k": 1}, {"beta": 0.0}),
+    "adaptive k2 b0": ({"strategy": "adaptive", "top_k": 2}, {"beta": 0.0}),
+    "adaptive k2 cv2": ({"strategy": "adaptive", "top_k": 2}, {"beta": 0.1, "mode": "cv2"}),
+    "adaptive k2 hinge": ({"strategy": "adaptive", "top_k": 2}, {"beta": 0.1, "mode": "hinge", "floor": 0.02}),
+    "adaptive k2 b0 (both)": ({"strategy": "adaptive", "top_k": 2, "selector_features": "both"}, {"beta": 0.0}),
+    "adaptive k2 b0 (hidden)": ({"strategy": "adaptive", "top_k": 2, "selector_features": "hidden"}, {"beta": 0.0}),
     "oracle": ({"strategy": "uniform", "oracle": True}, None),
 }
 FAST_METHODS = ("clm", "uniform", "adaptive k1 b0", "oracle")
@@ -191,48 +193,19 @@ def _module_class():
     from transformers import AutoModelForCausalLM
 
     from lightning_fuse import FusionModule
-    from lightning_fuse.selector import Selection, Selector
-
-    class PriorSelector(Selector):
-        """Selector whose logits are ``MLP(features) + s * (log r_k - mean_j log r_j)`` = MLP + s * (mean CE - CE_k).
-
-        The MLP's output layer starts at zero and ``s`` at 1: at step 0 the gate is softmax(-CE) (avg_ce's weights)
-        and its top-1 is min_ce's choice, so the target never distils randomly chosen sources while the selector
-        is still untrained; the MLP then learns corrections from the mixture likelihood.
-        """
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.prior_scale = torch.nn.Parameter(torch.ones(()))
-            torch.nn.init.zeros_(self.mlp[-1].weight)
-            torch.nn.init.zeros_(self.mlp[-1].bias)
-
-        def forward(self, rewards=None, hidden=None):
-            logits = super().forward(rewards, hidden)
-            log_r = rewards.float().clamp_min(1e-30).log()
-            return logits + self.prior_scale * (log_r - log_r.mean(-1, keepdim=True))
+    from lightning_fuse.selector import Selection
 
     class QualityFusion(FusionModule):
-        """FusionModule with a per-seed target init, an ``oracle`` mode and an optional ``PriorSelector``.
+        """FusionModule with a per-seed target init, an ``oracle`` mode, a cosine schedule and target-only clipping.
 
         ``oracle``: the weights put 1 on each sample's own domain specialist (``batch["domain"]``), so that every
         domain is distilled from its right specialist only: one run stands for the D per-domain oracles.
         """
 
-        def __init__(self, init_seed: int = 0, oracle: bool = False, selector_prior: bool = False,
-                     **kwargs: Any) -> None:
+        def __init__(self, init_seed: int = 0, oracle: bool = False, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.init_seed = init_seed
             self.oracle = oracle
-            self.selector_prior = selector_prior
-
-        def build_selector(self) -> Selector:
-            if not self.selector_prior:
-                return super().build_selector()
-            h = self.hparams
-            hidden = self.target_config.hidden_size
-            return PriorSelector(len(self.source_specs), hidden, h.selector_features, h.selector_width, h.top_k,
-                                 h.threshold)
 
         def configure_optimizers(self) -> Any:
             """AdamW as FusionModule's, with linear warm-up then cosine decay to 10% (as the demo's sources): the
@@ -300,9 +273,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     pl.seed_everything(job["seed"], verbose=False)
     module = _module_class()(
         init_seed=job["seed"], target=str(Path(job["root"]) / "target"), sources=job["sources"], offline=True,
-        selector_features=job.get("selector_features", "rewards"), clm_weight=r.clm_weight,
-        learning_rate=r.learning_rate, selector_learning_rate=r.selector_learning_rate, warmup_steps=r.warmup_steps,
-        distill_top_k=r.distill_top_k, **module_kwargs,
+        **{"selector_features": "rewards", "clm_weight": r.clm_weight, "learning_rate": r.learning_rate,
+           "selector_learning_rate": r.selector_learning_rate, "warmup_steps": r.warmup_steps,
+           "distill_top_k": r.distill_top_k, **module_kwargs},
     )
     dm = CachedTextDataModule(**job["data"], cache_dir=job["cache_dir"], seed=job["seed"], verify=False)
     callbacks = [SelectionFeedback(**feedback)] if feedback is not None else []
@@ -543,8 +516,9 @@ def _pairs(methods: list[str]) -> list[tuple[str, str]]:
     adaptive = [m for m in methods if m.startswith("adaptive")]
     pairs = [(m, o) for m in adaptive for o in ("min_ce", "avg_ce", "uniform")]
     pairs += [("min_ce", "uniform"), ("avg_ce", "uniform"), ("min_ce", "avg_ce"), ("uniform", "clm")]
-    pairs += [("adaptive k1 b0 (MLP)", "adaptive k1 b0"), ("adaptive k2 b0", "adaptive k1 b0"),
-              ("adaptive k2 cv2", "adaptive k2 b0"), ("adaptive k2 hinge", "adaptive k2 b0")]
+    pairs += [("adaptive k1 b0 (no prior)", "adaptive k1 b0"), ("adaptive k2 b0", "adaptive k1 b0"),
+              ("adaptive k2 cv2", "adaptive k2 b0"), ("adaptive k2 hinge", "adaptive k2 b0"),
+              ("adaptive k2 b0 (both)", "adaptive k2 b0"), ("adaptive k2 b0 (hidden)", "adaptive k2 b0")]
     return [(a, b) for a, b in pairs if a in methods and b in methods]
 
 
@@ -582,11 +556,13 @@ def render(agg, methods, regime, assets, wall, runs, fast) -> str:
         f"steps x {regime.batch_size} blocks of {regime.block_size} tokens, lambda (clm_weight) = {regime.clm_weight}, "
         f"forward KL on the top-{regime.distill_top_k} union, AdamW lr {regime.learning_rate} ({regime.warmup_steps} "
         f"warm-up steps, cosine to 10%), target gradient norm clipped to 1, selector lr "
-        f"{regime.selector_learning_rate}, selector features = rewards. Seeds {list(regime.seeds)}: a seed fixes the "
+        f"{regime.selector_learning_rate}. Seeds {list(regime.seeds)}: a seed fixes the "
         "target init, the batch order and the selector init, identical for every method. Oracle: one run whose "
-        "weights put 1 on each sample's own domain specialist. `adaptive kK bB`: top-K selector, feedback weight B "
-        "(cv2 / hinge: the feedback mode); `(MLP)`: FusionModule's plain selector, the others start from the "
-        "CE prior (see the docstring of `PriorSelector`).",
+        "weights put 1 on each sample's own domain specialist. `adaptive kK bB`: the library's selector keeping the "
+        "top-K sources, feedback weight B (cv2 / hinge: the feedback mode), features = the sources' rewards "
+        "(`(both)`: rewards + the target's pooled hidden state; `(hidden)`: the hidden state only, what routed mode "
+        "uses), starting from the CE prior (`lightning_fuse/selector.py`); `(no prior)`: `selector_prior: false`, "
+        "a randomly initialised MLP.",
         "",
         "Losses: nats/token on held-out text, mean ± sample std over seeds. Interference = mean over domains of "
         "(loss - oracle loss), per seed, then mean ± std. `normalised` = interference / clm's interference and "

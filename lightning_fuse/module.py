@@ -68,6 +68,9 @@ class FusionModule(pl.LightningModule):
         selector_features: what the selector sees: ``rewards`` (exp(-CE) of every source), ``hidden`` (pooled
             target hidden state) or ``both``.
         selector_width: hidden width of the selector MLP.
+        selector_prior: start the selector from FuseLLM's CE ranking (logits = MLP + s * (mean CE - CE_k), MLP
+            output zero at init) so its first choices are min_ce's; False = a plain randomly initialised MLP.
+            Used whenever the selector sees rewards (``selector_features`` rewards or both).
         clm_weight: lambda, weight of the causal-LM loss on gold tokens, in [0, 1].
         distill_loss: divergence D: ``forward_kl`` (soft-target CE), ``reverse_kl`` or ``jsd``.
         temperature: distillation temperature T > 0.
@@ -100,6 +103,7 @@ class FusionModule(pl.LightningModule):
         threshold: float | None = None,
         selector_features: SelectorFeatures = "both",
         selector_width: int = 64,
+        selector_prior: bool = True,
         clm_weight: float = 0.5,
         distill_loss: DistillLoss = "forward_kl",
         temperature: float = 1.0,
@@ -182,7 +186,8 @@ class FusionModule(pl.LightningModule):
     def build_selector(self) -> Selector:
         h = self.hparams
         hidden = getattr(self.target_config, "hidden_size", None) or self.target.get_input_embeddings().embedding_dim
-        return Selector(len(self.source_specs), hidden, h.selector_features, h.selector_width, h.top_k, h.threshold)
+        return Selector(len(self.source_specs), hidden, h.selector_features, h.selector_width, h.top_k, h.threshold,
+                        prior=h.get("selector_prior", True))
 
     def build_sources(self) -> list[FrozenSource]:
         """Load every declared source, check its vocabulary against the target's and freeze it."""
@@ -226,7 +231,8 @@ class FusionModule(pl.LightningModule):
                 "sources, keep the old ones first and in the same order, and append the new ones."
             )
         h = self.hparams
-        old = Selector(len(old_names), self.target_config.hidden_size, h.selector_features, h.selector_width, 1)
+        old = Selector(len(old_names), self.target_config.hidden_size, h.selector_features, h.selector_width, 1,
+                       prior=h.get("selector_prior", True))
         old.load_state_dict({k.removeprefix("selector."): v for k, v in state.items() if k.startswith("selector.")})
         old.grow(len(self.source_names))
         state.update({f"selector.{k}": v for k, v in old.state_dict().items()})

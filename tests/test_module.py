@@ -34,9 +34,11 @@ def routed(results, pairs):
     return {d: results[f"val/{d}/{s}_routed"] for d, s in pairs}
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_adaptive_selector_routes_each_domain_to_its_specialist(tiny_world, top_k):
-    module = make(tiny_world, ["words", "sums"], strategy="adaptive", top_k=top_k)
+@pytest.mark.parametrize("top_k, prior", [(1, True), (2, True), (1, False), (2, False)])
+def test_adaptive_selector_routes_each_domain_to_its_specialist(tiny_world, top_k, prior):
+    """With the CE prior the selector starts at min_ce's choice and must keep it; without it (a random MLP) it must
+    learn the routing from the mixture likelihood alone."""
+    module = make(tiny_world, ["words", "sums"], strategy="adaptive", top_k=top_k, selector_prior=prior)
     _, results = fit(module, tiny_world, steps=80, callbacks=[SelectionFeedback(beta=0.0)])
     share = routed(results, [("words", "words"), ("sums", "sums")])
     assert min(share.values()) >= 0.9, share

@@ -32,6 +32,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -81,6 +82,11 @@ METHODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
     "oracle": ({"strategy": "uniform", "oracle": True}, None),
 }
 FAST_METHODS = ("clm", "uniform", "adaptive k1 b0", "oracle")
+# opt-in rows (``--methods``), not in the default run
+EXTRA_METHODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
+    "adaptive thr0.3 b0": ({"strategy": "adaptive", "threshold": 0.3}, {"beta": 0.0}),
+}
+ALL_METHODS = {**METHODS, **EXTRA_METHODS}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -454,9 +460,10 @@ def plot(agg: dict[str, Any], methods: list[str], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="CI smoke run: FAST_BUILD assets, 1 seed, few steps")
-    parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(METHODS)}")
+    parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(ALL_METHODS)}")
     parser.add_argument("--seeds", type=int, nargs="*", default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--clm_weight", type=float, default=None, help="lambda (default 0.1)")
     parser.add_argument("--workers", type=int, default=2, help="fits run in parallel (one thread each)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for quality.md / quality.png (default benchmarks/results; --fast: a temp folder)")
@@ -468,14 +475,16 @@ def main(argv: list[str] | None = None) -> int:
         regime = dataclasses.replace(regime, steps=args.steps)
     if args.seeds:
         regime = dataclasses.replace(regime, seeds=tuple(args.seeds))
+    if args.clm_weight is not None:
+        regime = dataclasses.replace(regime, clm_weight=args.clm_weight)
     methods = list(args.methods or (FAST_METHODS if args.fast else METHODS))
     for m in ("oracle", "clm"):
         if m not in methods:
             methods.append(m)  # interference needs the oracle, normalised interference the clm run
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    methods = [m for m in METHODS if m in methods]
+        parser.error(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
+    methods = [m for m in ALL_METHODS if m in methods]
 
     assets = prepare(args.fast, regime)
     print(f"assets ready in {assets['prepare_s']:.0f}s ({assets['demo']} demo build at {assets['root']}; "
@@ -483,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = []
     for seed in regime.seeds:
         for m in methods:
-            module, feedback = METHODS[m]
+            module, feedback = ALL_METHODS[m]
             jobs.append({"method": m, "seed": seed, "module": module, "feedback": feedback,
                          "regime": dataclasses.asdict(regime), "root": assets["root"], "sources": assets["sources"],
                          "data": assets["data"], "cache_dir": assets["cache_dir"]})
@@ -502,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     source_names = [s["name"] for s in assets["sources"]]
     agg = aggregate(runs, methods, source_names)
     wall = time.perf_counter() - t0
-    md = render(agg, methods, regime, assets, wall, runs, args.fast)
+    command = shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
+    md = render(agg, methods, regime, assets, wall, runs, args.fast, command)
     print(md)
     out = args.out or (Path(tempfile.gettempdir()) / "lightning_fuse_quality_fast" if args.fast else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
@@ -545,13 +555,13 @@ def goals(agg: dict[str, Any], method: str) -> list[str]:
     return out
 
 
-def render(agg, methods, regime, assets, wall, runs, fast) -> str:
+def render(agg, methods, regime, assets, wall, runs, fast, command) -> str:
     src = ", ".join(s["name"] for s in assets["sources"])
     fit_s = statistics.fmean(r["seconds"] for r in runs)
     lines = [
         "# Fusion quality" + (" (--fast smoke run: not a result)" if fast else ""),
         "",
-        f"Reproduce: `python benchmarks/quality.py{' --fast' if fast else ''}`. Demo build: {assets['demo']}; "
+        f"Reproduce: `{command}`. Demo build: {assets['demo']}; "
         f"N = {len(assets['sources'])} sources ({src}), outputs cached once (offline mode). Regime: {regime.steps} "
         f"steps x {regime.batch_size} blocks of {regime.block_size} tokens, lambda (clm_weight) = {regime.clm_weight}, "
         f"forward KL on the top-{regime.distill_top_k} union, AdamW lr {regime.learning_rate} ({regime.warmup_steps} "

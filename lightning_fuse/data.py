@@ -150,7 +150,8 @@ def pack(texts: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int) 
     """Tokenise, join documents with EOS and cut into ``[n, block_size]`` blocks (the tail is dropped)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
-    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    # verbose=False: documents longer than the model's max length are expected here (they are cut into blocks)
+    for enc in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         ids.extend(enc + eos)
     n = len(ids) // block_size
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)

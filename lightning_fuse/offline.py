@@ -11,7 +11,8 @@ Cache layout (two independent ``lightning_fuse.cache`` roots, one per split)::
     <cache_dir>/val/manifest.json,   <source>/shard-*.npy     the validation blocks (for ``model.offline: true``)
 
 Each source's cache records its identity: ``model_id`` (path as declared, hash of config.json, sampled hash of the
-weight files, dtype), ``tokenizer_id`` (the source tokenizer's vocabulary fingerprint) and ``data_id`` (sha256 of
+weight files, dtype; for a source with another tokenizer also its alignment mode and the target tokenizer's
+fingerprint), ``tokenizer_id`` (the source tokenizer's vocabulary fingerprint) and ``data_id`` (sha256 of
 the split's token ids: tokenizer, block size, files and block cap all enter it). Opening a cache built for another
 model, tokenizer or corpus fails with a :class:`~lightning_fuse.cache.CacheError` saying what differs.
 """
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
 
 from lightning_fuse.cache import (
     CachedSourcesDataset,
@@ -100,8 +102,12 @@ def _weights_hash(spec: SourceSpec) -> str | None:
     return h.hexdigest()[:16]
 
 
-def source_identity(spec: SourceSpec) -> dict[str, Any]:
-    """``model_id`` and ``tokenizer_id`` a source's cache is recorded under (computed without loading weights)."""
+def source_identity(spec: SourceSpec, target_tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
+    """``model_id`` and ``tokenizer_id`` a source's cache is recorded under (computed without loading weights).
+
+    For a source whose tokenizer differs from ``target_tokenizer``, the cached distributions are its outputs mapped
+    onto the target's vocabulary, so ``model_id`` also records the alignment mode and the target tokenizer.
+    """
     model_id: dict[str, Any] = {"path": spec.path, "config": _config_hash(spec), "dtype": spec.dtype}
     weights = _weights_hash(spec)
     if weights is not None:
@@ -109,7 +115,10 @@ def source_identity(spec: SourceSpec) -> dict[str, Any]:
     if spec.gguf_file is not None:
         model_id["gguf_file"] = spec.gguf_file
     tokenizer = load_tokenizer(spec.tokenizer or spec.path, f"source {spec.name!r} tokenizer", spec.trust_remote_code)
-    return {"model_id": model_id, "tokenizer_id": tokenizer_fingerprint(tokenizer)}
+    tokenizer_id = tokenizer_fingerprint(tokenizer)
+    if target_tokenizer is not None and tokenizer_id != (target_id := tokenizer_fingerprint(target_tokenizer)):
+        model_id["alignment"] = {"mode": spec.alignment, "target_tokenizer": target_id}
+    return {"model_id": model_id, "tokenizer_id": tokenizer_id}
 
 
 def expected_identities(
@@ -241,7 +250,7 @@ class CachedTextDataModule(TextDataModule):
         if not self.source_specs:
             log.warning("the module declares no sources: CachedTextDataModule reads no cache")
             return
-        identities = {s.name: source_identity(s) for s in self.source_specs}
+        identities = {s.name: source_identity(s, self.tokenizer) for s in self.source_specs}
         self.train_set = self._attach("train", self.train_set, identities)
         if self.offline:
             self.val_set = self._attach("val", self.val_set, identities)

@@ -198,3 +198,23 @@ def test_precompute_through_the_cli(tiny_world, cache, tmp_path, capsys):
     config = write_config(tiny_world, tmp_path / "fit.yaml", cache)  # the complete cache: nothing to run
     main(["precompute", "--config", config, "--shard_size", str(SHARD), "--device", "cpu"])
     assert f"cache in {cache}" in capsys.readouterr().out
+
+
+def test_cache_identity_of_an_aligned_source_records_alignment_and_target_tokenizer(tiny_world, tmp_path):
+    """A cross-tokenizer source's cached outputs depend on how they were mapped onto the target's vocabulary: a
+    cache built with another alignment mode or for another target tokenizer must not be reused. A same-tokenizer
+    source is not aligned, so its identity ignores the alignment mode."""
+    from transformers import AutoTokenizer
+
+    from lightning_fuse.offline import source_identity
+
+    target_tok = AutoTokenizer.from_pretrained(tiny_world["target"])
+    other = _other_tokenizer(tmp_path, tiny_world)
+    aligned = {mode: source_identity(SourceSpec("sums", tiny_world["sums"], tokenizer=other, alignment=mode), target_tok)
+               for mode in ("exact", "min_ed")}
+    assert aligned["exact"]["model_id"]["alignment"]["mode"] == "exact"
+    assert aligned["exact"] != aligned["min_ed"]
+    other_target = AutoTokenizer.from_pretrained(other)  # the same source, fused into a target with its tokenizer
+    assert "alignment" not in source_identity(SourceSpec("sums", tiny_world["sums"], tokenizer=other), other_target)["model_id"]
+    same = [source_identity(SourceSpec("words", tiny_world["words"], alignment=m), target_tok) for m in ("exact", "min_ed")]
+    assert same[0] == same[1] and "alignment" not in same[0]["model_id"]

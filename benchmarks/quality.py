@@ -85,6 +85,11 @@ FAST_METHODS = ("clm", "uniform", "adaptive k1 b0", "oracle")
 # opt-in rows (``--methods``), not in the default run
 EXTRA_METHODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
     "adaptive thr0.3 b0": ({"strategy": "adaptive", "threshold": 0.3}, {"beta": 0.0}),
+    "adaptive k1 b0 (no prior, warm-up 100)": (
+        {"strategy": "adaptive", "top_k": 1, "selector_prior": False, "selector_warmup_steps": 100}, {"beta": 0.0}),
+    "adaptive k2 b0 (hidden, warm-up 100)": (
+        {"strategy": "adaptive", "top_k": 2, "selector_features": "hidden", "selector_warmup_steps": 100},
+        {"beta": 0.0}),
 }
 ALL_METHODS = {**METHODS, **EXTRA_METHODS}
 

@@ -88,6 +88,11 @@ class FusionModule(pl.LightningModule):
             sequences that kept it, so the cost grows with K, not N (needs ``selector_features: hidden``).
         explore: with ``before_sources``, the share of training sequences that also run one random unselected
             source, so the selector can compare sources it did not pick (its learning signal; not distilled).
+        selector_warmup_steps: for the first training steps, every source runs (also with ``before_sources``) and
+            the target distils the sources ranked by CE (the top-K of softmax(-CE), renormalised: min_ce's choice
+            with K = 1) while the selector learns from the mixture likelihood over all of them; then the selector
+            decides. For selectors without the CE prior (``hidden`` features, ``selector_prior: false``), whose
+            untrained early choices would otherwise be distilled.
         alignment_cache_dir: where vocabulary maps between a source's and the target's tokenizers are cached
             (built once per tokenizer pair); None = no cache. Same-tokenizer sources skip alignment entirely.
         trust_remote_code: allow code shipped with the target/tokenizer.
@@ -118,13 +123,14 @@ class FusionModule(pl.LightningModule):
         routing: Literal["after_sources", "before_sources"] = "after_sources",
         alignment_cache_dir: str | None = "~/.cache/lightning_fuse/vocab_maps",
         explore: float = 0.1,
+        selector_warmup_steps: int = 0,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         specs = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in (sources or [])]
         _validate(specs, strategy, top_k, threshold, clm_weight, distill_loss, temperature, distill_top_k, on_nonfinite,
                   target=target, tokenizer=tokenizer)
-        _validate_routing(routing, strategy, selector_features, explore)
+        _validate_routing(routing, strategy, selector_features, explore, selector_warmup_steps)
         self.save_hyperparameters(ignore=["sources"])
         self.hparams["sources"] = [asdict(s) for s in specs]  # plain dicts: checkpoints need no pickled classes
         self.source_specs = specs
@@ -337,7 +343,8 @@ class FusionModule(pl.LightningModule):
             result["loss"] = clm
             return result
         ran = None
-        if h.routing == "before_sources":  # decide first, then run only the kept sources (+ exploration)
+        warmup = stage == "train" and h.strategy == "adaptive" and self.global_step < h.get("selector_warmup_steps", 0)
+        if h.routing == "before_sources" and not warmup:  # decide first, then run only the kept sources (+ exploration)
             features = self.selector_features([], out.hidden_states[-1], batch["attention_mask"])
             selection = self.fusion_weights([], features)
             ran = selection.mask | (self._exploration(selection.mask) if stage == "train" else False)
@@ -350,7 +357,10 @@ class FusionModule(pl.LightningModule):
         if h.strategy == "clm":
             result["loss"] = clm
             return result
-        teacher = self.fuse_distributions(outputs, selection.weights.detach())
+        weights = selection.weights
+        if warmup:  # distil the CE ranking's top-K while the selector learns (it still gets its own loss below)
+            weights = self.selector.select(-result["source_ce"].float()).weights
+        teacher = self.fuse_distributions(outputs, weights.detach())
         kd = distill_loss(logits, teacher, mask, h.distill_loss, h.temperature, student_logprobs=student_logprobs)
         loss = h.clm_weight * clm + (1.0 - h.clm_weight) * kd
         result["kd"] = kd
@@ -569,7 +579,7 @@ def _scatter_rows(sub: SourceOutput | None, idx: Tensor, shape: torch.Size, k: i
     return SourceOutput(SparseDist(ids, logprobs), gold, ce)
 
 
-def _validate_routing(routing: str, strategy: str, features: str, explore: float) -> None:
+def _validate_routing(routing: str, strategy: str, features: str, explore: float, warmup_steps: int = 0) -> None:
     problems = []
     if routing not in ("after_sources", "before_sources"):
         problems.append(f"`--model.routing` can be after_sources, before_sources, got {routing!r}.")
@@ -582,6 +592,8 @@ def _validate_routing(routing: str, strategy: str, features: str, explore: float
         )
     if not 0.0 <= explore <= 1.0:
         problems.append(f"`--model.explore` must be between 0 and 1, got {explore}.")
+    if warmup_steps < 0:
+        problems.append(f"`--model.selector_warmup_steps` must be >= 0 (0 = no warm-up), got {warmup_steps}.")
     if problems:
         raise ValueError("\n".join(problems))
 

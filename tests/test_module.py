@@ -203,6 +203,53 @@ def test_routed_mode_learns_to_route_with_exploration(tiny_world):
     assert 0 < explored < 80 * 16  # exploration ran extra sources on part of the rows only
 
 
+def test_routed_warmup_runs_every_source_then_routes(tiny_world):
+    module = make(tiny_world, ["words", "sums", "general"], strategy="adaptive", top_k=1, routing="before_sources",
+                  selector_features="hidden", explore=0.0, selector_warmup_steps=3)
+    fit(module, tiny_world, steps=5)
+    rows = sum(s.rows_forwarded for s in module.sources)
+    val_rows = len(module.trainer.datamodule.val_set)
+    assert rows == 3 * 16 * 3 + 2 * 16 + val_rows  # warm-up: N = 3 forwards per sequence; then K = 1
+
+
+def test_warmup_distils_the_ce_ranking_then_the_selector(tiny_world):
+    """During the warm-up the target distils min_ce's choice (K = 1) whatever the untrained selector says; after it,
+    the selector's own choice; the selector trains from the first step."""
+    module = make(tiny_world, ["words", "sums", "weak"], strategy="adaptive", top_k=1, selector_features="hidden",
+                  selector_warmup_steps=4)
+    seen, chosen = [], {}
+    fuse, weigh = module.fuse_distributions, module.fusion_weights
+
+    def weigh_spy(outputs, features):
+        selection = weigh(outputs, features)
+        chosen["weights"] = selection.weights.detach().clone()
+        return selection
+
+    def fuse_spy(outputs, weights):
+        if module.training:
+            best = torch.stack([o.ce for o in outputs], -1).argmin(-1)
+            seen.append((module.global_step, weights.detach().clone(), best, chosen["weights"]))
+        return fuse(outputs, weights)
+
+    module.fusion_weights, module.fuse_distributions = weigh_spy, fuse_spy
+    module.configure_model()
+    initial = {k: v.clone() for k, v in module.selector.state_dict().items()}
+    fit(module, tiny_world, steps=8)
+    warm = [(w, best, sel) for step, w, best, sel in seen if step < 4]
+    after = [(w, sel) for step, w, _, sel in seen if step >= 4]
+    assert len(warm) == 4 and len(after) == 4
+    for w, best, _ in warm:
+        assert torch.equal(w, torch.nn.functional.one_hot(best, 3).to(w.dtype))
+    assert any(not torch.equal(w, sel) for w, _, sel in warm)  # the untrained selector disagreed: not distilled
+    assert all(torch.equal(w, sel) for w, sel in after)
+    assert any(not torch.equal(initial[k], v) for k, v in module.selector.state_dict().items())
+
+
+def test_negative_warmup_is_refused(tiny_world):
+    with pytest.raises(ValueError, match="selector_warmup_steps` must be >= 0"):
+        make(tiny_world, ["words", "sums"], selector_warmup_steps=-1)
+
+
 def test_routed_mode_needs_hidden_features(tiny_world):
     with pytest.raises(ValueError, match="set `--model.selector_features hidden`"):
         make(tiny_world, ["words", "sums"], routing="before_sources", selector_features="rewards")

@@ -212,7 +212,10 @@ def test_ddp_worker_killed_job_stops_and_resumes_bitwise(tiny_world, tmp_path):
     rc, log = _wait(_start(tiny_world, tmp_path, "crash", every=2, kill_at=5, kill_rank=1, **ddp), timeout=150)
     assert rc != 0, log[-3000:]
     assert time.monotonic() - start < 150  # stopped, did not hang on the dead peer
-    assert "Connection reset by peer" in log or "terminated with code -9" in log, log[-3000:]
+    # how the surviving rank learns of the dead peer depends on timing: its socket is reset or closed, or
+    # Lightning's process observer reports the SIGKILL first
+    dead_peer = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "terminated with code -9")
+    assert any(m in log for m in dead_peer), log[-3000:]
     rc, log = _wait(full)
     assert rc == 0, log[-3000:]
     assert "source 'words' produced NaN/inf log-probs at step 6" in log and "NaN/inf on another process at step 6" in log

@@ -540,6 +540,14 @@ class FusionModule(pl.LightningModule):
 
             print(format_table(results, stage))
 
+    def on_fit_end(self) -> None:
+        """End of ``fit``: print the last validation's per-domain table (what ``lightning-fuse validate`` prints)."""
+        results = getattr(self, "eval_results", None)
+        if results and self.trainer.is_global_zero and any(k.startswith("val/") for k in results):
+            from lightning_fuse.evaluation import format_table
+
+            print(f"last validation (step {self.global_step}):\n{format_table(results, 'val')}")
+
     # ----------------------------------------------------------------------------------------------- optimizer
     def _param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: the target's trainable parameters, then the selector's (never the sources')."""

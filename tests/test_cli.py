@@ -51,8 +51,10 @@ def _tiny_args(world, tmp_path, *extra):
     ]
 
 
-def test_fit_then_export_through_the_cli(tiny_world, tmp_path):
+def test_fit_then_export_through_the_cli(tiny_world, tmp_path, capsys):
     main(_tiny_args(tiny_world, tmp_path))
+    printed = capsys.readouterr().out  # the end of fit prints the last validation's per-domain table
+    assert "last validation (step 4)" in printed and "words" in printed and "sums" in printed, printed[-2000:]
     ckpts = sorted(tmp_path.rglob("last.ckpt"))
     assert ckpts, list(tmp_path.rglob("*"))
     assert list(tmp_path.rglob("config.yaml")), "LightningCLI saves the resolved config beside the run"

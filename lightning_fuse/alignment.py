@@ -40,6 +40,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# Bumped whenever aligned source outputs change for the same tokenizers (part of an offline cache's identity).
+# 2: role-paired special tokens are read in the source's spelling.
+ALIGNMENT_VERSION = 2
+
 __all__ = [
     "AlignedBatch",
     "AlignedBlock",
@@ -647,6 +651,21 @@ class TokenAligner:
         self.vocab_map = build_vocab_map(src_tokenizer, tgt_tokenizer, mode=mode, cache_dir=cache_dir)
         self._src_norm, self._src_bytes = self._tables(src_tokenizer)
         self._tgt_norm, self._tgt_bytes = self._tables(tgt_tokenizer)
+        # The source reads a target special token (e.g. the EOS that joins packed documents) as its own special
+        # token of the same role, not as the characters of the target's string ('</s>' -> '<|endoftext|>').
+        self._special_text: dict[str, str] = {}
+        self._special_ids: set[int] = set()
+        for s_id, t_id in _special_role_pairs(src_tokenizer, tgt_tokenizer):  # eos last: it wins shared ids
+            t_str, s_str = tgt_tokenizer.convert_ids_to_tokens(t_id), src_tokenizer.convert_ids_to_tokens(s_id)
+            if not (isinstance(t_str, str) and isinstance(s_str, str)) or t_str == s_str:
+                continue
+            self._special_text[t_str] = s_str
+            self._special_ids.add(t_id)
+            self._tgt_norm[t_id], self._tgt_bytes[t_id] = self._src_norm[s_id], self._src_bytes[s_id]
+        self._special_pattern = (
+            re.compile("|".join(re.escape(t) for t in sorted(self._special_text, key=len, reverse=True)))
+            if self._special_text else None
+        )
         pad = getattr(src_tokenizer, "pad_token_id", None)
         if not isinstance(pad, int):
             pad = getattr(src_tokenizer, "eos_token_id", None)
@@ -660,12 +679,20 @@ class TokenAligner:
 
     # -- tokenizer calls ------------------------------------------------------------------------------------------
     def _decode(self, batch: list[list[int]]) -> list[str]:
+        """The text the source reads: the target ids decoded, with role-paired special tokens in the source's
+        spelling."""
         tok = self.tgt_tokenizer
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is not None:
-            return backend.decode_batch(batch, skip_special_tokens=False)
+            texts = backend.decode_batch(batch, skip_special_tokens=False)
+        else:
+            texts = [tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) for ids in batch]
+        if self._special_pattern is None:
+            return texts
+        swap = self._special_pattern.sub
         return [
-            tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) for ids in batch
+            swap(lambda m: self._special_text[m.group()], text) if self._special_ids.intersection(ids) else text
+            for ids, text in zip(batch, texts)
         ]
 
     # -- alignment ------------------------------------------------------------------------------------------------

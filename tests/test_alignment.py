@@ -256,6 +256,22 @@ def test_align_one_to_many_and_many_to_one(handmade):
     assert TokenAligner(gpt2, llama).align(_ids(llama, "hello world hello")).src_pos == [-1, -1, 1, -1]
 
 
+def test_special_tokens_are_read_in_the_sources_spelling(handmade):
+    """The EOS that joins packed documents: the source reads its own EOS there (not the characters of the target's
+    '<|endoftext|>' or '</s>'), the two EOS positions align 1:1, and the vocabulary map sends one to the other."""
+    gpt2, llama = handmade
+    for tgt, src in ((gpt2, llama), (llama, gpt2)):
+        ids = _ids(tgt, "hello world") + [tgt.eos_token_id] + _ids(tgt, "hello world")
+        aligner = TokenAligner(src, tgt)
+        block = aligner.align(ids)
+        assert src.eos_token_id in block.src_ids
+        assert tgt.eos_token not in src.decode(block.src_ids)  # not spelled out in characters
+        eos_at = ids.index(tgt.eos_token_id)
+        j = block.src_pos[eos_at - 1]  # the position that predicts the EOS
+        assert j >= 0 and block.src_ids[j + 1] == src.eos_token_id, block
+        assert int(aligner.vocab_map[src.eos_token_id]) == tgt.eos_token_id
+
+
 def test_align_space_markers_and_byte_fallback(handmade):
     gpt2, llama = handmade
     aligner = TokenAligner(llama, gpt2, mode="exact")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from unittest import mock
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -90,8 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] in COMMANDS:
         _run_command(args[0], args[1:])
         return
-    FuseCLI(FusionModule, TextDataModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
-            save_config_kwargs={"overwrite": True})
+    # Called from Python with explicit args (a notebook, a test): the host's own sys.argv is not ours, and
+    # LightningCLI would warn that it sees both.
+    with contextlib.nullcontext() if argv is None else mock.patch.object(sys, "argv", sys.argv[:1]):
+        FuseCLI(FusionModule, TextDataModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
+                save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ class FusionModule(pl.LightningModule):
         h = self.hparams
         hidden = getattr(self.target_config, "hidden_size", None) or self.target.get_input_embeddings().embedding_dim
         return Selector(len(self.source_specs), hidden, h.selector_features, h.selector_width, h.top_k, h.threshold,
-                        prior=h.get("selector_prior", True))
+                        prior=h.selector_prior)
 
     def build_sources(self) -> list[FrozenSource]:
         """Load every declared source, check its vocabulary against the target's and freeze it."""
@@ -238,7 +238,7 @@ class FusionModule(pl.LightningModule):
             )
         h = self.hparams
         old = Selector(len(old_names), self.target_config.hidden_size, h.selector_features, h.selector_width, 1,
-                       prior=h.get("selector_prior", True))
+                       prior=h.selector_prior)
         old.load_state_dict({k.removeprefix("selector."): v for k, v in state.items() if k.startswith("selector.")})
         old.grow(len(self.source_names))
         state.update({f"selector.{k}": v for k, v in old.state_dict().items()})
@@ -343,7 +343,7 @@ class FusionModule(pl.LightningModule):
             result["loss"] = clm
             return result
         ran = None
-        warmup = stage == "train" and h.strategy == "adaptive" and self.global_step < h.get("selector_warmup_steps", 0)
+        warmup = stage == "train" and h.strategy == "adaptive" and self.global_step < h.selector_warmup_steps
         if h.routing == "before_sources" and not warmup:  # decide first, then run only the kept sources (+ exploration)
             features = self.selector_features([], out.hidden_states[-1], batch["attention_mask"])
             selection = self.fusion_weights([], features)

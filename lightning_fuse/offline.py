@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from lightning_fuse.alignment import ALIGNMENT_VERSION
 from lightning_fuse.cache import (
     CachedSourcesDataset,
     CacheIncompleteError,
@@ -117,8 +118,6 @@ def source_identity(spec: SourceSpec, target_tokenizer: PreTrainedTokenizerBase 
     tokenizer = load_tokenizer(spec.tokenizer or spec.path, f"source {spec.name!r} tokenizer", spec.trust_remote_code)
     tokenizer_id = tokenizer_fingerprint(tokenizer)
     if target_tokenizer is not None and tokenizer_id != (target_id := tokenizer_fingerprint(target_tokenizer)):
-        from lightning_fuse.alignment import ALIGNMENT_VERSION
-
         model_id["alignment"] = {"mode": spec.alignment, "target_tokenizer": target_id, "version": ALIGNMENT_VERSION}
     return {"model_id": model_id, "tokenizer_id": tokenizer_id}
 

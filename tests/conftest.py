@@ -20,3 +20,27 @@ def demo_assets(tmp_path_factory):
     from lightning_fuse.demo import FAST_BUILD, build_demo_assets
 
     return build_demo_assets(root=tmp_path_factory.mktemp("demo"), **FAST_BUILD)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the ``cuda``-marked tests, with the reason, unless CUDA (or LIGHTNING_FUSE_TEST_DEVICE=cpu) is there."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    from device import cuda_test_device
+
+    device, why = cuda_test_device()
+    if device is None:
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture
+def cuda_device():
+    """The device a ``cuda``-marked test runs on (see tests/device.py)."""
+    from device import cuda_test_device
+
+    device, why = cuda_test_device()
+    if device is None:
+        pytest.skip(why)
+    return device

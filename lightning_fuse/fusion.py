@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_fuse.logits import sparse_logprobs
+
 Strategy = Literal["adaptive", "uniform", "min_ce", "avg_ce", "clm"]
 DistillLoss = Literal["forward_kl", "reverse_kl", "jsd"]
 STRATEGIES: tuple[str, ...] = ("adaptive", "uniform", "min_ce", "avg_ce", "clm")
@@ -70,12 +72,15 @@ def gold_next_tokens(labels: Tensor, ignore_index: int = -100) -> Tensor:
     return gold.masked_fill(~next_token_mask(labels, ignore_index), 0)
 
 
-def source_output_from_logits(logits: Tensor, labels: Tensor, top_k: int) -> SourceOutput:
-    """Reduce a source's dense ``[B, L, V]`` logits to its sparse output right away (the logits can be freed)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    top_lp, top_ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+def source_output_from_logits(logits: Tensor, labels: Tensor, top_k: int, chunk_size: int | None = None) -> SourceOutput:
+    """Reduce a source's dense ``[B, L, V]`` logits to its sparse output right away (the logits can be freed).
+
+    Works on chunks of ``chunk_size`` positions (``lightning_fuse.logits.sparse_logprobs``): no ``[B, L, V]``
+    float32 copy of the logits is made.
+    """
     mask = next_token_mask(labels)
-    gold = logprobs.gather(-1, gold_next_tokens(labels).unsqueeze(-1)).squeeze(-1) * mask
+    top_lp, top_ids, gold = sparse_logprobs(logits, top_k, gold_next_tokens(labels), chunk_size)
+    gold = gold * mask
     return SourceOutput(SparseDist(top_ids, top_lp), gold, sequence_ce(gold, mask))
 
 

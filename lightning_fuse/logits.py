@@ -37,7 +37,9 @@ def sparse_logprobs(
 
     Returns:
         ``(top_logprobs [B, L, k] float32, top_ids [B, L, k] int64, gold_logprob [B, L] float32)``; the top-k are
-        sorted by decreasing probability, as ``torch.topk`` returns them. Differentiable in ``logits``.
+        sorted by decreasing probability, as ``torch.topk`` returns them, except when ``top_k >= V`` (dense mode):
+        then no ``topk`` runs and the ids are ``0 .. V-1`` in order (the log-softmax itself). Differentiable in
+        ``logits``.
     """
     if logits.dim() != 3:
         raise ValueError(f"`logits` must be [B, L, V], got shape {tuple(logits.shape)}.")
@@ -52,14 +54,19 @@ def sparse_logprobs(
     rows = logits.reshape(b * length, vocab)
     gold = gold_ids.reshape(b * length, 1).to(torch.long)
     step = chunk_size or default_chunk_size(vocab)
+    dense = top_k >= vocab
     tops, ids, golds = [], [], []
     for start in range(0, b * length, step):
         x = rows[start : start + step].float()
         log_z = torch.logsumexp(x, dim=-1, keepdim=True)
-        top_val, top_id = x.topk(k, dim=-1)
-        tops.append(top_val - log_z)
-        ids.append(top_id)
         golds.append(x.gather(-1, gold[start : start + step]) - log_z)
+        if dense:  # every id is kept: no sort
+            tops.append(x - log_z)
+            ids.append(torch.arange(vocab, device=x.device).expand(x.shape[0], vocab))
+        else:
+            top_val, top_id = x.topk(k, dim=-1)
+            tops.append(top_val - log_z)
+            ids.append(top_id)
         del x
     if not tops:  # B * L == 0
         empty = rows.new_zeros((0, k), dtype=torch.float32)
@@ -69,3 +76,105 @@ def sparse_logprobs(
         torch.cat(ids).view(b, length, k),
         torch.cat(golds).view(b, length),
     )
+
+
+def _exclusion_mask(ids: Tensor, vocab: int) -> Tensor:
+    """``[R, V]`` bool, True at the ids of each row (``-1`` entries exclude nothing)."""
+    out = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=ids.device)
+    out.scatter_(-1, ids.masked_fill(ids < 0, vocab), True)
+    return out[:, :vocab]
+
+
+class _LogNormalizers(torch.autograd.Function):
+    """``logsumexp(z)``, ``logsumexp(z / T)`` and ``logsumexp(z / T)`` over the ids not excluded, chunk by chunk.
+
+    The backward pass recomputes each chunk's softmaxes instead of saving them, so neither pass keeps more than one
+    chunk of float32 values alive (the gradient itself is one ``[B * L, V]`` tensor in the logits' dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, temperature: float, exclude: Tensor | None, step: int):  # type: ignore[override]
+        n, vocab = rows.shape
+        work = torch.promote_types(rows.dtype, torch.float32)  # float32, or float64 for float64 logits
+        log_z = rows.new_empty(n, dtype=work)
+        log_z_t = rows.new_empty(n, dtype=work)
+        log_z_out = rows.new_empty(n, dtype=work)
+        for start in range(0, n, step):
+            x = rows[start : start + step].to(work)
+            log_z[start : start + step] = torch.logsumexp(x, -1)
+            if temperature != 1.0:
+                x = x / temperature
+                log_z_t[start : start + step] = torch.logsumexp(x, -1)
+            if exclude is not None:
+                x = x.masked_fill(_exclusion_mask(exclude[start : start + step], vocab), float("-inf"))  # not in place: x may be the logits
+                log_z_out[start : start + step] = torch.logsumexp(x, -1)
+            del x
+        if temperature == 1.0:
+            log_z_t.copy_(log_z)
+        if exclude is None:
+            log_z_out.fill_(float("nan"))
+        ctx.save_for_backward(rows, log_z, log_z_t, log_z_out, *(() if exclude is None else (exclude,)))
+        ctx.temperature, ctx.step, ctx.has_exclude = temperature, step, exclude is not None
+        return log_z, log_z_t, log_z_out
+
+    @staticmethod
+    def backward(ctx, g_z: Tensor | None, g_t: Tensor | None, g_out: Tensor | None):  # type: ignore[override]
+        rows, log_z, log_z_t, log_z_out, *rest = ctx.saved_tensors
+        exclude = rest[0] if ctx.has_exclude else None
+        t, step = ctx.temperature, ctx.step
+        n, vocab = rows.shape
+        zeros = torch.zeros_like(log_z)
+        g_z = zeros if g_z is None else g_z
+        g_t = zeros if g_t is None else g_t
+        g_out = zeros if (g_out is None or exclude is None) else g_out
+        if t == 1.0:  # log_z_t is log_z: one softmax serves both
+            g_z, g_t = g_z + g_t, zeros
+        safe_out = torch.where(torch.isfinite(log_z_out), log_z_out, zeros)  # -inf: every id excluded, no tail
+        grad = torch.empty_like(rows)
+        for start in range(0, n, step):
+            s = slice(start, start + step)
+            x = rows[s].to(log_z.dtype)
+            g = torch.exp(x - log_z[s, None]) * g_z[s, None]
+            if t != 1.0 or exclude is not None:
+                xt = x / t
+                if t != 1.0:
+                    g += torch.exp(xt - log_z_t[s, None]) * (g_t[s, None] / t)
+                if exclude is not None:
+                    p_out = torch.exp(xt - safe_out[s, None]).masked_fill_(_exclusion_mask(exclude[s], vocab), 0.0)
+                    g += p_out * (torch.where(torch.isfinite(log_z_out[s]), g_out[s], zeros[s])[:, None] / t)
+            grad[s] = g.to(grad.dtype)
+        return grad, None, None, None
+
+
+def log_normalizers(
+    logits: Tensor, temperature: float = 1.0, exclude_ids: Tensor | None = None, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The student side of a sparse distillation, without a ``[B, L, V]`` float32 copy of the logits.
+
+    Args:
+        logits: ``[B, L, V]`` raw logits z (any floating dtype; gradients flow back into them).
+        temperature: T > 0.
+        exclude_ids: ``[B, L, M]`` int64 ids (``-1`` = none) left out of the third normaliser: the teacher's support.
+        chunk_size: positions per chunk; ``None`` = ``default_chunk_size(V)``.
+
+    Returns:
+        ``(logsumexp(z), logsumexp(z / T), logsumexp of z / T over the ids not in exclude_ids)``, each ``[B, L]``
+        float32 (float64 for float64 logits); the third is ``None`` without ``exclude_ids`` and ``-inf`` where every id is excluded. With them,
+        ``log_softmax(z)[y] = z[y] - logZ``, ``log_softmax(z / T)[i] = z[i] / T - logZ_T`` and the log of the
+        tempered student's mass outside the support is ``logZ_T^out - logZ_T``, computed in log space (never as
+        ``1 - sum(q)``, which cancels to 0 in float32 when the student is confident).
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"`logits` must be [B, L, V], got shape {tuple(logits.shape)}.")
+    if not temperature > 0:
+        raise ValueError(f"`temperature` must be > 0, got {temperature}.")
+    b, length, vocab = logits.shape
+    exclude = None
+    if exclude_ids is not None:
+        if exclude_ids.shape[:2] != (b, length):
+            raise ValueError(f"`exclude_ids` must be [B, L, M] with B, L = {b}, {length}, got {list(exclude_ids.shape)}.")
+        exclude = exclude_ids.reshape(b * length, -1).long()
+    step = chunk_size or default_chunk_size(vocab)
+    log_z, log_z_t, log_z_out = _LogNormalizers.apply(logits.reshape(b * length, vocab), float(temperature), exclude, step)
+    shape = (b, length)
+    return log_z.view(shape), log_z_t.view(shape), None if exclude is None else log_z_out.view(shape)

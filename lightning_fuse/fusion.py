@@ -10,6 +10,7 @@ full-vocabulary tempered divergence, exact once the support covers the vocabular
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_fuse.distill import DISTILL_LOSSES, DistillLoss, distill_loss  # noqa: F401  (re-exported)
-from lightning_fuse.logits import sparse_logprobs
+from lightning_fuse.logits import sparse_logprobs, sparse_logprobs_from_hidden
 
 Strategy = Literal["adaptive", "uniform", "min_ce", "avg_ce", "softmax_ce", "clm"]
 STRATEGIES: tuple[str, ...] = ("adaptive", "uniform", "min_ce", "avg_ce", "softmax_ce", "clm")
@@ -79,6 +80,17 @@ def source_output_from_logits(logits: Tensor, labels: Tensor, top_k: int, chunk_
     """
     mask = next_token_mask(labels)
     top_lp, top_ids, gold = sparse_logprobs(logits, top_k, gold_next_tokens(labels), chunk_size)
+    gold = gold * mask
+    return SourceOutput(SparseDist(top_ids, top_lp), gold, sequence_ce(gold, mask))
+
+
+def source_output_from_hidden(
+    hidden: Tensor, head: Callable[[Tensor], Tensor], labels: Tensor, top_k: int, chunk_size: int | None = None
+) -> SourceOutput:
+    """``source_output_from_logits(head(hidden), ...)`` with the LM head applied one chunk of positions at a time,
+    so that the source's ``[B, L, V]`` logits never exist (``lightning_fuse.logits.sparse_logprobs_from_hidden``)."""
+    mask = next_token_mask(labels)
+    top_lp, top_ids, gold = sparse_logprobs_from_hidden(hidden, head, top_k, gold_next_tokens(labels), chunk_size)
     gold = gold * mask
     return SourceOutput(SparseDist(top_ids, top_lp), gold, sequence_ce(gold, mask))
 

@@ -44,3 +44,26 @@ def test_sparse_logprobs_empty_batch_and_bad_input():
 def test_default_chunk_size_bounds_the_chunk():
     assert default_chunk_size(128_000) * 128_000 <= 1 << 24
     assert default_chunk_size(10**9) == 1
+
+
+def test_hidden_path_equals_full_logits_of_a_real_llama():
+    """The chunked LM head gives what the HF model's own logits give (tiny random Llama, float64)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_fuse.logits import plain_lm_head, sparse_logprobs_from_hidden
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).double().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    head = plain_lm_head(model)
+    assert head is model.lm_head
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        hidden = model.base_model(input_ids=ids)[0]
+        got = sparse_logprobs_from_hidden(hidden, head, 5, ids, chunk_size=3)
+    want = sparse_logprobs(logits, 5, ids)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    model.config.final_logit_softcapping = 30.0  # logits post-processed by the model: no shortcut
+    assert plain_lm_head(model) is None

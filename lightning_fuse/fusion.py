@@ -4,12 +4,13 @@ Shapes: B sequences, L positions, V target vocabulary, N sources, k kept ids per
 A source's distribution is never materialised as a dense ``B x L x V`` tensor: it is kept as its top-k ids and
 log-probs, the rest of its mass being one "other" bucket. The fused distribution is the union of the kept
 sources' top-k ids (``M = N * k`` slots, duplicates merged), and the distillation losses compare teacher and
-student on that union plus the "other" bucket, which makes them proper divergences between two distributions
-over ``M + 1`` outcomes (a lower bound of the full-vocabulary divergence).
+student on that union plus the "other" bucket (``lightning_fuse.distill``: proper divergences, lower bounds of the
+full-vocabulary tempered divergence, exact once the support covers the vocabulary).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Strategy = Literal["adaptive", "uniform", "min_ce", "avg_ce", "clm"]
-DistillLoss = Literal["forward_kl", "reverse_kl", "jsd"]
-STRATEGIES: tuple[str, ...] = ("adaptive", "uniform", "min_ce", "avg_ce", "clm")
-DISTILL_LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
+from lightning_fuse.distill import DISTILL_LOSSES, DistillLoss, distill_loss  # noqa: F401  (re-exported)
+from lightning_fuse.logits import sparse_logprobs, sparse_logprobs_from_hidden
+
+Strategy = Literal["adaptive", "uniform", "min_ce", "avg_ce", "softmax_ce", "clm"]
+STRATEGIES: tuple[str, ...] = ("adaptive", "uniform", "min_ce", "avg_ce", "softmax_ce", "clm")
 _EPS = 1e-12
 
 
@@ -70,12 +72,26 @@ def gold_next_tokens(labels: Tensor, ignore_index: int = -100) -> Tensor:
     return gold.masked_fill(~next_token_mask(labels, ignore_index), 0)
 
 
-def source_output_from_logits(logits: Tensor, labels: Tensor, top_k: int) -> SourceOutput:
-    """Reduce a source's dense ``[B, L, V]`` logits to its sparse output right away (the logits can be freed)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    top_lp, top_ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+def source_output_from_logits(logits: Tensor, labels: Tensor, top_k: int, chunk_size: int | None = None) -> SourceOutput:
+    """Reduce a source's dense ``[B, L, V]`` logits to its sparse output right away (the logits can be freed).
+
+    Works on chunks of ``chunk_size`` positions (``lightning_fuse.logits.sparse_logprobs``): no ``[B, L, V]``
+    float32 copy of the logits is made.
+    """
     mask = next_token_mask(labels)
-    gold = logprobs.gather(-1, gold_next_tokens(labels).unsqueeze(-1)).squeeze(-1) * mask
+    top_lp, top_ids, gold = sparse_logprobs(logits, top_k, gold_next_tokens(labels), chunk_size)
+    gold = gold * mask
+    return SourceOutput(SparseDist(top_ids, top_lp), gold, sequence_ce(gold, mask))
+
+
+def source_output_from_hidden(
+    hidden: Tensor, head: Callable[[Tensor], Tensor], labels: Tensor, top_k: int, chunk_size: int | None = None
+) -> SourceOutput:
+    """``source_output_from_logits(head(hidden), ...)`` with the LM head applied one chunk of positions at a time,
+    so that the source's ``[B, L, V]`` logits never exist (``lightning_fuse.logits.sparse_logprobs_from_hidden``)."""
+    mask = next_token_mask(labels)
+    top_lp, top_ids, gold = sparse_logprobs_from_hidden(hidden, head, top_k, gold_next_tokens(labels), chunk_size)
+    gold = gold * mask
     return SourceOutput(SparseDist(top_ids, top_lp), gold, sequence_ce(gold, mask))
 
 
@@ -88,22 +104,41 @@ def sequence_ce(gold_logprob: Tensor, mask: Tensor) -> Tensor:
 def baseline_weights(strategy: Strategy, ce: Tensor) -> Tensor:
     """Fusion weights ``[B, N]`` of the fixed baselines from the sources' per-sequence CE ``[B, N]``.
 
-    uniform: 1/N. min_ce (FuseLLM): one-hot on argmin_k CE_k. avg_ce (FuseLLM): softmax(-CE).
+    - ``uniform``: 1/N.
+    - ``min_ce`` (FuseLLM's MinCE, ``distill_greater_as_gt``): one-hot on ``argmin_k CE_k`` (FuseLLM takes the source
+      with the largest reward ``1 / exp(CE)``: the same choice; ties go to the first source here).
+    - ``avg_ce`` (FuseLLM's AvgCE, ``distill_weighted_as_gt``): ``softmax(r)`` with the reward ``r_k = 1 / exp(CE_k)``,
+      i.e. ``softmax(exp(-CE))`` (FuseLLM ``src/utils/trainer.py``, ``compute_loss``: ``align_reward = 1 /
+      torch.exp(metric)``, ``torch.softmax(torch.stack(rewards), dim=1)``). Rewards lie in (0, 1], so the weights
+      stay close to uniform: CE [2.1, 2.4, 3.0] gives [0.345, 0.334, 0.321].
+    - ``softmax_ce``: ``softmax(-CE)``, a much sharper weighting (the same CEs give [0.466, 0.345, 0.189]); not in
+      FuseLLM, it is the selector's CE prior at step 0.
     """
     if strategy == "uniform":
         return torch.full_like(ce, 1.0 / ce.shape[-1])
     if strategy == "min_ce":
         return F.one_hot(ce.argmin(-1), ce.shape[-1]).to(ce.dtype)
     if strategy == "avg_ce":
+        return torch.softmax(torch.exp(-ce), dim=-1)
+    if strategy == "softmax_ce":
         return torch.softmax(-ce, dim=-1)
-    raise ValueError(f"`strategy` {strategy!r} has no fixed weights; fixed strategies are uniform, min_ce, avg_ce.")
+    raise ValueError(
+        f"`strategy` {strategy!r} has no fixed weights; fixed strategies are uniform, min_ce, avg_ce, softmax_ce."
+    )
 
 
 def fuse(outputs: list[SourceOutput], weights: Tensor) -> SparseDist:
     """Mix the sources' sparse distributions with per-sequence weights ``[B, N]`` (rows sum to 1).
 
     Returns a ``SparseDist`` over the union of their ids (``[B, L, N * k]``, duplicates merged, empty slots -1).
+    With one source its ids cannot repeat: no merge (no sort over the ``k`` slots, which is the whole vocabulary
+    in dense mode).
     """
+    if len(outputs) == 1:
+        ids = outputs[0].dist.ids
+        logprobs = outputs[0].dist.logprobs + weights[:, 0, None, None].clamp_min(_EPS).log()
+        ids = ids.masked_fill(torch.isneginf(logprobs), -1)
+        return SparseDist(ids, logprobs.masked_fill(ids < 0, float("-inf")))
     ids = torch.cat([o.dist.ids for o in outputs], dim=-1)
     probs = torch.cat(
         [o.dist.probs * weights[:, i, None, None] for i, o in enumerate(outputs)], dim=-1
@@ -124,66 +159,6 @@ def merge_duplicates(ids: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
     merged_ids = torch.full_like(sorted_ids, -1).scatter_(-1, slot, sorted_ids)
     merged_ids = merged_ids.masked_fill(merged_p <= 0, -1)
     return merged_ids, merged_p.masked_fill(merged_ids < 0, 0.0)
-
-
-def _coarse(student_logprobs: Tensor, teacher: SparseDist, temperature: float) -> tuple[Tensor, ...]:
-    """Teacher and student on the teacher's support plus an "other" bucket: (p, log p, q, log q), ``[B, L, M+1]``."""
-    valid = teacher.ids >= 0
-    p = teacher.probs
-    if temperature != 1.0:  # temper within the support, keep the support's total mass
-        mass = p.sum(-1, keepdim=True)
-        tempered = torch.softmax((teacher.logprobs / temperature).masked_fill(~valid, float("-inf")), dim=-1)
-        p = torch.nan_to_num(tempered * mass) * valid
-    p_other = (1.0 - p.sum(-1, keepdim=True)).clamp_min(0.0)
-    log_q_sup = student_logprobs.gather(-1, teacher.ids.clamp_min(0)).masked_fill(~valid, float("-inf"))
-    q_sup = log_q_sup.exp()
-    q_other = (1.0 - q_sup.sum(-1, keepdim=True)).clamp_min(_EPS)
-    p_all = torch.cat([p, p_other], -1)
-    q_all = torch.cat([q_sup, q_other], -1)
-    log_p = p_all.clamp_min(_EPS).log()
-    log_q = torch.cat([log_q_sup.clamp_min(torch.finfo(log_q_sup.dtype).min), q_other.log()], -1)
-    return p_all, log_p, q_all, log_q
-
-
-def distill_loss(
-    student_logits: Tensor,
-    teacher: SparseDist,
-    mask: Tensor,
-    kind: DistillLoss = "forward_kl",
-    temperature: float = 1.0,
-    student_logprobs: Tensor | None = None,
-) -> Tensor:
-    """Mean divergence between the teacher ``P`` and the student ``Q`` over positions where ``mask`` is True.
-
-    Args:
-        student_logits: ``[B, L, V]`` target logits.
-        teacher: fused sparse distribution, ``[B, L, M]``.
-        mask: ``[B, L]`` bool, positions that have a gold next token.
-        kind: ``forward_kl`` = KL(P || Q) (soft-target CE up to P's entropy), ``reverse_kl`` = KL(Q || P),
-            ``jsd`` = Jensen-Shannon divergence.
-        temperature: softens both distributions; the loss is scaled by ``temperature ** 2``.
-        student_logprobs: ``log_softmax(student_logits)`` if the caller already has it (reused when T = 1, which
-            saves one ``[B, L, V]`` float32 tensor).
-
-    Returns:
-        A scalar; 0 (with a gradient path) if ``mask`` is all False.
-    """
-    if kind not in DISTILL_LOSSES:
-        raise ValueError(f"`distill_loss` can be {', '.join(DISTILL_LOSSES)}, got {kind!r}.")
-    if student_logprobs is not None and temperature == 1.0:
-        student = student_logprobs
-    else:
-        student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    p, log_p, q, log_q = _coarse(student, teacher, temperature)
-    if kind == "forward_kl":
-        per_pos = (torch.xlogy(p, p) - p * log_q).sum(-1)
-    elif kind == "reverse_kl":
-        per_pos = (q * (log_q - log_p)).sum(-1)
-    else:
-        log_m = (0.5 * (p + q)).clamp_min(_EPS).log()
-        per_pos = 0.5 * (torch.xlogy(p, p) - p * log_m).sum(-1) + 0.5 * (q * (log_q - log_m)).sum(-1)
-    count = mask.sum()
-    return (per_pos * mask).sum() / count.clamp_min(1) * temperature**2
 
 
 def mixture_nll(gold_logprobs: Tensor, gate: Tensor, mask: Tensor, available: Tensor | None = None) -> Tensor:

@@ -34,6 +34,7 @@ from lightning_fuse.fusion import (
     next_token_mask,
     sequence_ce,
 )
+from lightning_fuse.logits import log_normalizers
 from lightning_fuse.selector import Selection, Selector, SelectorFeatures
 from lightning_fuse.sources import (
     DType,
@@ -61,7 +62,8 @@ class FusionModule(pl.LightningModule):
         target: folder or hub id of the target causal LM (a folder with only a config starts from scratch).
         sources: the frozen source LMs (name, path, tokenizer, load_in_8bit, ...).
         tokenizer: the target's tokenizer; defaults to ``target``.
-        strategy: ``adaptive`` (trained selector), ``uniform``, ``min_ce`` / ``avg_ce`` (FuseLLM), ``clm`` (no
+        strategy: ``adaptive`` (trained selector), ``uniform``, ``min_ce`` / ``avg_ce`` (FuseLLM's MinCE and AvgCE,
+            ``softmax(exp(-CE))``), ``softmax_ce`` (``softmax(-CE)``, sharper; not FuseLLM's), ``clm`` (no
             distillation).
         top_k: sources kept per sequence by the adaptive selector.
         threshold: keep the sources whose gate is >= threshold instead of the top-K (in (0, 1]).
@@ -96,6 +98,10 @@ class FusionModule(pl.LightningModule):
         alignment_cache_dir: where vocabulary maps between a source's and the target's tokenizers are cached
             (built once per tokenizer pair); None = no cache. Same-tokenizer sources skip alignment entirely.
         trust_remote_code: allow code shipped with the target/tokenizer.
+        gradient_checkpointing: recompute the target's decoder layers in the backward pass instead of keeping their
+            activations (the HF model's own switch, ``activation_checkpointing_enable`` / ``gradient_checkpointing_enable``,
+            non-reentrant): less memory, about
+            one more forward pass of compute; losses and gradients are unchanged.
     """
 
     def __init__(
@@ -125,6 +131,7 @@ class FusionModule(pl.LightningModule):
         explore: float = 0.1,
         selector_warmup_steps: int = 0,
         trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         specs = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in (sources or [])]
@@ -187,7 +194,18 @@ class FusionModule(pl.LightningModule):
 
     def build_target(self) -> nn.Module:
         h = self.hparams
-        return load_causal_lm(h.target, "target", h.target_dtype, trust_remote_code=h.trust_remote_code)
+        model = load_causal_lm(h.target, "target", h.target_dtype, trust_remote_code=h.trust_remote_code)
+        if h.get("gradient_checkpointing", False):  # .get: checkpoints saved before the option existed
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ValueError(
+                    f"The target ({type(model).__name__}) does not support gradient checkpointing. "
+                    "Set `--model.gradient_checkpointing false`."
+                )
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x (the old name is deprecated)
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
 
     def build_selector(self) -> Selector:
         h = self.hparams
@@ -294,14 +312,26 @@ class FusionModule(pl.LightningModule):
             self._nonfinite(f"cached outputs of source {name!r} hold NaN/inf")
         return out
 
-    def selector_features(self, outputs: list[SourceOutput], hidden: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
-        """Selector inputs: rewards exp(-CE_k) ``[B, N]`` and the mean-pooled, detached target hidden state ``[B, H]``."""
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden.detach() * m).sum(1) / m.sum(1).clamp_min(1)
-        if not outputs:  # routed: the sources have not run yet
-            return {"hidden": pooled}
-        rewards = torch.exp(-torch.stack([o.ce for o in outputs], dim=-1))
-        return {"rewards": rewards, "hidden": pooled}
+    @property
+    def needs_hidden_states(self) -> bool:
+        """Whether a step asks the target for its hidden states: only the adaptive selector reading them does."""
+        return self.sources_needed and self.hparams.strategy == "adaptive" and self.hparams.selector_features != "rewards"
+
+    def selector_features(
+        self, outputs: list[SourceOutput], hidden: Tensor | None, attention_mask: Tensor
+    ) -> dict[str, Tensor]:
+        """Selector inputs: rewards exp(-CE_k) ``[B, N]`` and the mean-pooled, detached target hidden state ``[B, H]``.
+
+        ``hidden`` is the target's last hidden state, or None when ``needs_hidden_states`` is False (then only the
+        rewards are given; a subclass that reads hidden states overrides ``needs_hidden_states`` too).
+        """
+        features: dict[str, Tensor] = {}
+        if hidden is not None:
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            features["hidden"] = (hidden.detach() * m).sum(1) / m.sum(1).clamp_min(1)
+        if outputs:  # routed: the sources have not run yet
+            features["rewards"] = torch.exp(-torch.stack([o.ce for o in outputs], dim=-1))
+        return features
 
     def _exploration(self, kept: Tensor) -> Tensor:
         """``[B, N]``: for a share ``explore`` of the rows, one random source that was not kept."""
@@ -329,39 +359,50 @@ class FusionModule(pl.LightningModule):
         batch = {**batch, "labels": labels}
         mask = next_token_mask(labels)
         gold = gold_next_tokens(labels)
+        want_hidden = self.needs_hidden_states
         out = self.target(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=self.sources_needed
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=want_hidden
         )
-        logits = out.logits
-        student_logprobs = torch.log_softmax(logits.float(), -1)
-        target_logprob = student_logprobs.gather(-1, gold.unsqueeze(-1)).squeeze(-1) * mask
-        clm = -target_logprob.sum() / mask.sum().clamp_min(1)
-        result: dict[str, Any] = {"clm": clm, "target_ce": sequence_ce(target_logprob.detach(), mask), "mask": mask}
-        result["target_correct"] = (logits.detach().argmax(-1) == gold) & mask
+        logits = out.logits  # [B, L, V], never copied to float32 as a whole (lightning_fuse.logits)
+        hidden = out.hidden_states[-1] if want_hidden else None
+        gold_logit = logits.gather(-1, gold.unsqueeze(-1)).squeeze(-1).float()
+        result: dict[str, Any] = {"mask": mask}
+        if stage != "train":  # only evaluation reads the target's accuracy
+            result["target_correct"] = (logits.detach().argmax(-1) == gold) & mask
+
+        def finish_clm(log_z: Tensor) -> Tensor:
+            target_logprob = (gold_logit - log_z) * mask
+            result["target_ce"] = sequence_ce(target_logprob.detach(), mask)
+            result["clm"] = -target_logprob.sum() / mask.sum().clamp_min(1)
+            return result["clm"]
+
         run_sources = self.sources_needed and (h.strategy != "clm" or stage != "train")
         if not run_sources:
-            result["loss"] = clm
+            result["loss"] = finish_clm(log_normalizers(logits)[0])
             return result
         ran = None
         warmup = stage == "train" and h.strategy == "adaptive" and self.global_step < h.selector_warmup_steps
         if h.routing == "before_sources" and not warmup:  # decide first, then run only the kept sources (+ exploration)
-            features = self.selector_features([], out.hidden_states[-1], batch["attention_mask"])
+            features = self.selector_features([], hidden, batch["attention_mask"])
             selection = self.fusion_weights([], features)
             ran = selection.mask | (self._exploration(selection.mask) if stage == "train" else False)
             outputs = self.run_sources(batch, ran)
         else:
             outputs = self.run_sources(batch)
-            features = self.selector_features(outputs, out.hidden_states[-1], batch["attention_mask"])
+            features = self.selector_features(outputs, hidden, batch["attention_mask"])
             selection = self.fusion_weights(outputs, features)
         result.update(source_ce=torch.stack([o.ce for o in outputs], -1), selection=selection, outputs=outputs)
         if h.strategy == "clm":
-            result["loss"] = clm
+            result["loss"] = finish_clm(log_normalizers(logits)[0])
             return result
         weights = selection.weights
         if warmup:  # distil the CE ranking's top-K while the selector learns (it still gets its own loss below)
             weights = self.selector.select(-result["source_ce"].float()).weights
         teacher = self.fuse_distributions(outputs, weights.detach())
-        kd = distill_loss(logits, teacher, mask, h.distill_loss, h.temperature, student_logprobs=student_logprobs)
+        # one chunked pass over the vocabulary gives the CE's and the distillation's normalisers
+        normalizers = log_normalizers(logits, h.temperature, teacher.ids)
+        clm = finish_clm(normalizers[0])
+        kd = distill_loss(logits, teacher, mask, h.distill_loss, h.temperature, normalizers=normalizers)
         loss = h.clm_weight * clm + (1.0 - h.clm_weight) * kd
         result["kd"] = kd
         if h.strategy == "adaptive":
@@ -507,7 +548,9 @@ class FusionModule(pl.LightningModule):
                 if torch.isnan(r["source_ce"][b, i]):  # routed mode: this source did not run on this row
                     continue
                 self.eval_metrics[f"{d}|{name}|ce"].update(r["source_ce"][b, i], weight=tokens[b])
-                top1 = r["outputs"][i].dist.ids[b, :, 0] == batch["labels"][b].roll(-1)
+                dist = r["outputs"][i].dist  # its most likely id (dense mode keeps the ids in vocabulary order)
+                top1 = dist.ids[b].gather(-1, dist.logprobs[b].argmax(-1, keepdim=True)).squeeze(-1)
+                top1 = top1 == batch["labels"][b].roll(-1)
                 acc = (top1 & r["mask"][b]).sum() / tokens[b].clamp_min(1)
                 self.eval_metrics[f"{d}|{name}|acc"].update(acc, weight=tokens[b])
 

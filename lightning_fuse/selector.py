@@ -5,7 +5,8 @@ target's mean-pooled last hidden state (``[B, H]``, detached: the selector does 
 
 CE prior (default whenever the selector sees rewards): ``logits = MLP(features) + s * (mean_j CE_j - CE_k)`` with the
 MLP's output layer zero-initialised and ``s`` (trainable) starting at 1. At step 0 the gate is ``softmax(-CE)``
-(FuseLLM's avg_ce weights) and its top-1 is min_ce's choice, so the target never distils from sources an untrained
+(the ``softmax_ce`` baseline's weights; FuseLLM's AvgCE, ``softmax(exp(-CE))``, is much flatter; FuseLLM has no
+selector) and its top-1 is min_ce's choice, so the target never distils from sources an untrained
 selector picked at random; the MLP then learns corrections from the mixture likelihood and the feedback loss.
 Measured in ``benchmarks/quality.py``: without the prior a randomly initialised selector costs ~0.2 nats of
 interference in a 300-step distillation-heavy run; with it, interference is at or below min_ce's.

@@ -20,8 +20,10 @@ from lightning_fuse.fusion import (
     gold_next_tokens,
     next_token_mask,
     sequence_ce,
+    source_output_from_hidden,
     source_output_from_logits,
 )
+from lightning_fuse.logits import plain_lm_head
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +246,10 @@ class FrozenSource:
         self.rows_forwarded += input_ids.shape[0]
         if self.aligner is not None:
             return self._aligned_forward(input_ids, attention_mask, labels, top_k, vocab_size)
+        head = plain_lm_head(self.model)
+        if head is not None:  # the LM head runs per chunk of positions: no [B, L, V] logits (lightning_fuse.logits)
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+            return source_output_from_hidden(hidden, lambda h: head(h)[..., :vocab_size], labels, top_k)
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         if logits.shape[-1] > vocab_size:  # padded embedding rows beyond the shared tokenizer's ids
             logits = logits[..., :vocab_size]

@@ -21,8 +21,18 @@ def test_baseline_weights_by_hand():
     assert torch.equal(baseline_weights("uniform", ce), torch.full((2, 3), 1 / 3))
     assert torch.equal(baseline_weights("min_ce", ce), torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
     e = [math.exp(-1), math.exp(-2), math.exp(-3)]
-    expected = torch.tensor([x / sum(e) for x in e])
-    torch.testing.assert_close(baseline_weights("avg_ce", ce)[0], expected)
+    torch.testing.assert_close(baseline_weights("softmax_ce", ce)[0], torch.tensor([x / sum(e) for x in e]))
+    r = [math.exp(x) for x in e]  # FuseLLM's AvgCE: softmax over the rewards 1 / exp(CE)
+    torch.testing.assert_close(baseline_weights("avg_ce", ce)[0], torch.tensor([x / sum(r) for x in r]))
+
+
+def test_avg_ce_is_fusellm_formula_and_softmax_ce_the_sharper_one():
+    """The numbers of issue 13 / METHOD.md section 4: CE [2.1, 2.4, 3.0]."""
+    ce = torch.tensor([[2.1, 2.4, 3.0]], dtype=torch.float64)
+    avg = baseline_weights("avg_ce", ce)[0].tolist()
+    sharp = baseline_weights("softmax_ce", ce)[0].tolist()
+    assert [round(x, 3) for x in avg] == [0.345, 0.334, 0.321]
+    assert [round(x, 3) for x in sharp] == [0.466, 0.345, 0.189]
     with pytest.raises(ValueError, match="no fixed weights"):
         baseline_weights("adaptive", ce)
 

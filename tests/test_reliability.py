@@ -550,7 +550,7 @@ def test_cli_unknown_strategy_lists_the_choices(tiny_world, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(_tiny_args(tiny_world, tmp_path, "--model.init_args.strategy", "mixture"))
     err = capsys.readouterr().err
-    assert "Expected a typing.Literal['adaptive', 'uniform', 'min_ce', 'avg_ce', 'clm']. Got value: mixture" in err
+    assert "Expected a typing.Literal['adaptive', 'uniform', 'min_ce', 'avg_ce', 'softmax_ce', 'clm']. Got value: mixture" in err
 
 
 def test_cli_unknown_config_key(tiny_world, tmp_path, capsys):

@@ -15,11 +15,11 @@ def _ce_and_rewards(batch=16, n=5, seed=0):
 
 @pytest.mark.parametrize("features", ["rewards", "both"])
 def test_prior_selector_starts_at_fusellm_weights(features):
-    """Step 0: gate = softmax(-CE) (avg_ce's weights), top-1 = argmin CE (min_ce's choice), whatever the hidden state."""
+    """Step 0: gate = softmax(-CE) (softmax_ce's weights), top-1 = argmin CE (min_ce's choice), whatever the hidden state."""
     ce, rewards = _ce_and_rewards()
     sel = Selector(5, hidden_size=8, features=features, top_k=1)
     selection = sel.select(sel(rewards=rewards, hidden=torch.randn(16, 8)))
-    torch.testing.assert_close(selection.gate, baseline_weights("avg_ce", ce))
+    torch.testing.assert_close(selection.gate, baseline_weights("softmax_ce", ce))
     torch.testing.assert_close(selection.weights, baseline_weights("min_ce", ce))
     sel2 = Selector(5, hidden_size=8, features=features, top_k=2)
     kept = sel2.select(sel2(rewards=rewards, hidden=torch.randn(16, 8))).mask
@@ -32,7 +32,7 @@ def test_plain_selector_has_no_prior():
     ce, rewards = _ce_and_rewards()
     plain = Selector(5, hidden_size=8, features="rewards", top_k=1, prior=False)
     assert not hasattr(plain, "prior_scale") and plain.mlp[-1].weight.abs().sum() > 0
-    assert not torch.allclose(plain.select(plain(rewards=rewards)).gate, baseline_weights("avg_ce", ce))
+    assert not torch.allclose(plain.select(plain(rewards=rewards)).gate, baseline_weights("softmax_ce", ce))
     hidden_only = Selector(5, hidden_size=8, features="hidden", top_k=1, prior=True)
     assert not hidden_only.prior and not hasattr(hidden_only, "prior_scale")
 

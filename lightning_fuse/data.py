@@ -147,11 +147,16 @@ def read_texts(path: Path, text_field: str = "text") -> list[str]:
 
 
 def pack(texts: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int) -> torch.Tensor:
-    """Tokenise, join documents with EOS and cut into ``[n, block_size]`` blocks (the tail is dropped)."""
+    """Tokenise, join documents with EOS and cut into ``[n, block_size]`` blocks (the tail is dropped).
+
+    Data text is read literally: characters such as ``<eos>`` or ``<|endoftext|>`` in a document are text, never a
+    control token (``split_special_tokens``); the only control tokens in a block are the EOS placed between
+    documents.
+    """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     # verbose=False: documents longer than the model's max length are expected here (they are cut into blocks)
-    for enc in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+    for enc in tokenizer(texts, add_special_tokens=False, verbose=False, split_special_tokens=True)["input_ids"]:
         ids.extend(enc + eos)
     n = len(ids) // block_size
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)

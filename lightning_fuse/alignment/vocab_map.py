@@ -176,7 +176,7 @@ def nearest_strings(
     result = np.full(len(queries), -1, dtype=np.int64)
     max_len = max(by_len, default=0)
     big = np.iinfo(np.int64).max
-    with tqdm(total=len(queries), desc="min_ed vocabulary map", unit="tok", disable=not progress,
+    with tqdm(total=len(queries), desc="min_ed vocabulary map", unit="tok", disable=not progress or len(queries) < 1000,
               dynamic_ncols=True) as bar:
         for m, all_idx in sorted(q_by_len.items()):
             r_max = max(m, max_len) if max_distance >= 1 else int(max_distance * m / (1 - max_distance))

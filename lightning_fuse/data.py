@@ -6,7 +6,9 @@ the split; otherwise the last ``val_fraction`` of its blocks is held out. Every 
 validation reports per-domain perplexity.
 
 A batch is a dict: ``input_ids`` ``[B, L]`` int64, ``attention_mask`` ``[B, L]``, ``labels`` ``[B, L]`` (= input ids),
-``domain`` ``[B]`` int64 index into ``datamodule.domains``, ``index`` ``[B]`` int64 the blocks' positions in the split.
+``domain`` ``[B]`` int64 index into ``datamodule.domains``, ``index`` ``[B]`` int64 the blocks' positions in the split,
+and, when the module has sources with another tokenizer, ``aligned`` = ``{source name: AlignedBatch.as_dict()}``:
+their alignment, computed by the DataLoader (in its workers when ``num_workers > 0``), off the training step.
 
 The training order is a seeded shuffle per data epoch (``seed + epoch``), sharded over data-parallel ranks, that
 resumes exactly: its position is the number of batches trained so far (Lightning's progress, saved in checkpoints), so
@@ -23,7 +25,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torch.utils.data.distributed import DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
@@ -103,6 +105,22 @@ class ResumableSampler(DistributedSampler):
         self.epoch = epoch
         start = done * self.batch_size * self.num_replicas
         return iter(self.order(epoch)[start + self.rank :: self.num_replicas])
+
+
+class AlignCollate:
+    """``default_collate``, then each cross-tokenizer source's alignment of the batch (``batch["aligned"][name]``),
+    so that the CPU work of alignment runs in the DataLoader (its workers) instead of inside the training step.
+
+    Deterministic: a resumed fit gets the same batches. Sources are aligned in the step when a batch has none.
+    """
+
+    def __init__(self, aligners: dict) -> None:
+        self.aligners = aligners
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = default_collate(samples)
+        batch["aligned"] = {name: aligner(batch) for name, aligner in self.aligners.items()}
+        return batch
 
 
 class ResumableLoader(DataLoader):
@@ -292,8 +310,14 @@ class TextDataModule(pl.LightningDataModule):
             )
         return ResumableLoader(
             self.train_set, self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=True,
-            generator=self._generator(),
+            generator=self._generator(), collate_fn=self._collate(),
         )
+
+    def _collate(self) -> AlignCollate | None:
+        """`AlignCollate` for the module's cross-tokenizer sources (None: the default collate)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        aligners = {s.name: s.aligner for s in getattr(module, "sources", None) or [] if s.aligner is not None}
+        return AlignCollate(aligners) if aligners else None
 
     def _data_parallel(self) -> tuple[int, int]:
         """(number of data-parallel processes, this process' rank) from the trainer's strategy; (1, 0) without."""
@@ -310,7 +334,8 @@ class TextDataModule(pl.LightningDataModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, self.batch_size, shuffle=False, num_workers=self.num_workers, generator=self._generator())
+        return DataLoader(self.val_set, self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          generator=self._generator(), collate_fn=self._collate())
 
     def _generator(self) -> torch.Generator:
         """The loaders' own generator: iterating a loader then draws its worker seed from it, not from the global

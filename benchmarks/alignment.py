@@ -16,8 +16,15 @@ import time
 
 import torch
 
-from lightning_fuse import alignment
-from lightning_fuse.alignment import TokenAligner, alignment_rate, build_vocab_map
+from lightning_fuse.alignment import (
+    DROPPED,
+    MIN_ED,
+    TokenAligner,
+    alignment_rate,
+    build_vocab_map,
+    normalize_token,
+)
+from lightning_fuse.alignment.vocab_map import MAX_DISTANCE, nearest_strings
 from lightning_fuse.tokenizers import stdlib_texts, train_bpe_tokenizer
 
 
@@ -26,36 +33,20 @@ def _blocks(ids: list[int], length: int, max_tokens: int) -> torch.Tensor:
     return torch.tensor(ids[: n * length]).view(n, length)
 
 
-def _kernels() -> dict:
-    kernels = {"numpy (Myers bit-parallel)": alignment._levenshtein_matrix_numpy}
-    try:
-        import rapidfuzz  # noqa: F401
-
-        kernels = {"rapidfuzz": alignment._levenshtein_matrix_rapidfuzz, **kernels}
-    except ImportError:
-        pass
-    return kernels
-
-
-def _time_vocab_map(src, tgt, label: str, numpy_kernel: bool = True) -> None:
+def _time_vocab_map(src, tgt, label: str) -> None:
     t0 = time.perf_counter()
     exact = build_vocab_map(src, tgt, mode="exact")
     t_exact = time.perf_counter() - t0
     print(
         f"| {label} | exact | - | {t_exact:.2f} | {(exact >= 0).float().mean().item():.1%} of source ids matched |"
     )
-    default = alignment._default_kernel
-    try:
-        for name, kernel in _kernels().items():
-            if name.startswith("numpy") and not numpy_kernel:
-                continue
-            alignment._default_kernel = lambda kernel=kernel: kernel
-            t0 = time.perf_counter()
-            build_vocab_map(src, tgt, mode="min_ed")
-            dt = time.perf_counter() - t0
-            print(f"| {label} | min_ed | {name} | {dt:.2f} | {int((exact < 0).sum())} source ids searched |")
-    finally:
-        alignment._default_kernel = default
+    for cutoff in (MAX_DISTANCE, 1.0):
+        t0 = time.perf_counter()
+        vmap, kind = build_vocab_map(src, tgt, mode="min_ed", max_distance=cutoff, with_kind=True, progress=False)
+        dt = time.perf_counter() - t0
+        print(f"| {label} | min_ed | {cutoff} | {dt:.2f} | {int((exact < 0).sum())} source ids searched, "
+              f"{float((kind == MIN_ED).float().mean()):.1%} mapped by edit distance, "
+              f"{float((kind == DROPPED).float().mean()):.1%} unmapped |")
 
 
 def main() -> None:
@@ -119,7 +110,7 @@ def main() -> None:
         f"{alignment_rate(reverse.align_batch(rb).src_pos):.3f} |"
     )
 
-    print("\n| vocabularies (source -> target) | mode | edit-distance kernel | build time (s) | note |")
+    print("\n| vocabularies (source -> target) | mode | min_ed cutoff | build time (s) | note |")
     print("|---|---|---|---|---|")
     _time_vocab_map(src_tok, tgt_tok, "2000 byte-level -> 3000 metaspace")
     if args.vocab_50k:
@@ -134,15 +125,13 @@ def main() -> None:
         )
         _time_vocab_map(src50, tgt50, "50k byte-level -> 50k metaspace")
         # worst case: no exact match at all, every source string searched against every target string
-        src_norm = [alignment.normalize_token(t, kind="byte_level") for t in src50.get_vocab()]
-        tgt_norm = sorted({alignment.normalize_token(t, kind="metaspace") for t in tgt50.get_vocab()})
-        for name, kernel in _kernels().items():
-            if name.startswith("numpy"):
-                continue
+        src_norm = [normalize_token(t, kind="byte_level") for t in src50.get_vocab()]
+        tgt_norm = sorted({normalize_token(t, kind="metaspace") for t in tgt50.get_vocab()})
+        for cutoff in (MAX_DISTANCE, 1.0):
             t0 = time.perf_counter()
-            alignment._min_edit_distance_search(src_norm, tgt_norm, kernel)
+            nearest_strings(src_norm, tgt_norm, cutoff)
             print(
-                f"| 50k -> 50k, all {len(src_norm)} searched (no exact shortcut) | min_ed | {name} | "
+                f"| 50k -> 50k, all {len(src_norm)} searched (no exact shortcut) | min_ed | {cutoff} | "
                 f"{time.perf_counter() - t0:.2f} | worst case |"
             )
 

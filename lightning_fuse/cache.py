@@ -481,7 +481,8 @@ class SourceWriter:
         """Write shard ``shard_idx`` atomically (n = ``len(shard_range(shard_idx))``).
 
         Args:
-            ids: [n, L, k] top-k token ids in the target vocabulary, any integer dtype.
+            ids: [n, L, k] top-k token ids in the target vocabulary, any integer dtype; -1 = empty slot (its
+                log-prob -inf; a cross-tokenizer source's one-hot fallback or unmapped ids), read back as -1.
             logprobs: [n, L, k] their log-probs (normalised over the full vocabulary), sorted descending.
             gold_logprob: [n, L] log P(gold next token); position L-1 has none and is stored as 0.
             ce: [n] mean cross-entropy on the gold tokens (valid positions only).
@@ -502,8 +503,11 @@ class SourceWriter:
         ids_np, lp, gold, ce_np = (arrays[f] for f in ("ids", "logprobs", "gold_logprob", "ce"))
         if not np.issubdtype(ids_np.dtype, np.integer):
             problems.append(f"`ids` must be integer, got {ids_np.dtype}")
-        elif ids_np.size and (ids_np.min() < 0 or ids_np.max() >= c.vocab_size):
-            problems.append(f"`ids` must be in [0, {c.vocab_size}), got [{ids_np.min()}, {ids_np.max()}]")
+        elif ids_np.size and (ids_np.min() < -1 or ids_np.max() >= c.vocab_size):
+            problems.append(f"`ids` must be in [0, {c.vocab_size}) or -1 (empty slot), got [{ids_np.min()}, "
+                            f"{ids_np.max()}]")
+        elif ids_np.size and np.issubdtype(lp.dtype, np.floating) and not np.isneginf(lp[ids_np < 0]).all():
+            problems.append("`ids` -1 marks an empty slot: its `logprobs` must be -inf")
         for f, a in (("logprobs", lp), ("gold_logprob", gold), ("ce", ce_np)):
             if not np.issubdtype(a.dtype, np.floating):
                 problems.append(f"`{f}` must be floating point, got {a.dtype}")
@@ -518,7 +522,7 @@ class SourceWriter:
         if problems:
             raise CacheError(f"shard {shard_idx} of source '{self.name}': " + _join(problems))
 
-        ids_np = ids_np.astype(np.int64, copy=False)
+        ids_np = np.maximum(ids_np.astype(np.int64, copy=False), 0)  # empty slots: read back as -1 from -inf
         gold = np.minimum(gold, 0).astype(_DTYPES["gold_logprob"])
         gold[:, -1] = 0
         encoded = {
@@ -795,8 +799,9 @@ class CacheReader:
                 bits = np.unpackbits(arrays["ids_hi"][rows], axis=-1, count=k * b, bitorder="little")
                 hi = bits.reshape(len(rows), L, k, b).astype(np.int64) << (16 + np.arange(b))
                 ids |= hi.sum(-1)
-            out["ids"][where] = ids
-            out["logprobs"][where] = arrays["logprobs"][rows]
+            lp = arrays["logprobs"][rows]
+            out["ids"][where] = np.where(np.isneginf(lp), -1, ids)  # -inf: an empty slot (probability 0)
+            out["logprobs"][where] = lp
             out["gold_logprob"][where] = arrays["gold_logprob"][rows]
             out["ce"][where] = arrays["ce"][rows]
         return {f: torch.from_numpy(a) for f, a in out.items()}

@@ -55,6 +55,7 @@ COMMANDS = {
     "precompute": "lightning_fuse.precompute:precompute",
     "generate": "lightning_fuse.generate:generate",
     "evaluate": "lightning_fuse.evaluation:evaluate",
+    "align-report": "lightning_fuse.align_report:align_report",
 }
 
 

@@ -6,7 +6,9 @@ the split; otherwise the last ``val_fraction`` of its blocks is held out. Every 
 validation reports per-domain perplexity.
 
 A batch is a dict: ``input_ids`` ``[B, L]`` int64, ``attention_mask`` ``[B, L]``, ``labels`` ``[B, L]`` (= input ids),
-``domain`` ``[B]`` int64 index into ``datamodule.domains``, ``index`` ``[B]`` int64 the blocks' positions in the split.
+``domain`` ``[B]`` int64 index into ``datamodule.domains``, ``index`` ``[B]`` int64 the blocks' positions in the split,
+and, when the module has sources with another tokenizer, ``aligned`` = ``{source name: AlignedBatch.as_dict()}``:
+their alignment, computed by the DataLoader (in its workers when ``num_workers > 0``), off the training step.
 
 The training order is a seeded shuffle per data epoch (``seed + epoch``), sharded over data-parallel ranks, that
 resumes exactly: its position is the number of batches trained so far (Lightning's progress, saved in checkpoints), so
@@ -23,7 +25,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torch.utils.data.distributed import DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
@@ -105,6 +107,22 @@ class ResumableSampler(DistributedSampler):
         return iter(self.order(epoch)[start + self.rank :: self.num_replicas])
 
 
+class AlignCollate:
+    """``default_collate``, then each cross-tokenizer source's alignment of the batch (``batch["aligned"][name]``),
+    so that the CPU work of alignment runs in the DataLoader (its workers) instead of inside the training step.
+
+    Deterministic: a resumed fit gets the same batches. Sources are aligned in the step when a batch has none.
+    """
+
+    def __init__(self, aligners: dict) -> None:
+        self.aligners = aligners
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = default_collate(samples)
+        batch["aligned"] = {name: aligner(batch) for name, aligner in self.aligners.items()}
+        return batch
+
+
 class ResumableLoader(DataLoader):
     """A DataLoader that Lightning recognises as resumable (it has ``state_dict`` / ``load_state_dict``).
 
@@ -147,11 +165,16 @@ def read_texts(path: Path, text_field: str = "text") -> list[str]:
 
 
 def pack(texts: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int) -> torch.Tensor:
-    """Tokenise, join documents with EOS and cut into ``[n, block_size]`` blocks (the tail is dropped)."""
+    """Tokenise, join documents with EOS and cut into ``[n, block_size]`` blocks (the tail is dropped).
+
+    Data text is read literally: characters such as ``<eos>`` or ``<|endoftext|>`` in a document are text, never a
+    control token (``split_special_tokens``); the only control tokens in a block are the EOS placed between
+    documents.
+    """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     # verbose=False: documents longer than the model's max length are expected here (they are cut into blocks)
-    for enc in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+    for enc in tokenizer(texts, add_special_tokens=False, verbose=False, split_special_tokens=True)["input_ids"]:
         ids.extend(enc + eos)
     n = len(ids) // block_size
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
@@ -287,8 +310,14 @@ class TextDataModule(pl.LightningDataModule):
             )
         return ResumableLoader(
             self.train_set, self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=True,
-            generator=self._generator(),
+            generator=self._generator(), collate_fn=self._collate(),
         )
+
+    def _collate(self) -> AlignCollate | None:
+        """`AlignCollate` for the module's cross-tokenizer sources (None: the default collate)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        aligners = {s.name: s.aligner for s in getattr(module, "sources", None) or [] if s.aligner is not None}
+        return AlignCollate(aligners) if aligners else None
 
     def _data_parallel(self) -> tuple[int, int]:
         """(number of data-parallel processes, this process' rank) from the trainer's strategy; (1, 0) without."""
@@ -305,7 +334,8 @@ class TextDataModule(pl.LightningDataModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, self.batch_size, shuffle=False, num_workers=self.num_workers, generator=self._generator())
+        return DataLoader(self.val_set, self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          generator=self._generator(), collate_fn=self._collate())
 
     def _generator(self) -> torch.Generator:
         """The loaders' own generator: iterating a loader then draws its worker seed from it, not from the global

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from lightning_fuse.alignment.aligner import AlignedBatch
 from lightning_fuse.callbacks import SelectionFeedback
 from lightning_fuse.fusion import (
     DISTILL_LOSSES,
@@ -290,12 +291,15 @@ class FusionModule(pl.LightningModule):
         for i, source in enumerate(self.sources):
             source.to(self.device)
             idx = None if rows is None else rows[:, i].nonzero().squeeze(-1)
+            aligned = (batch.get("aligned") or {}).get(source.name)  # computed by the DataLoader (AlignCollate)
             if idx is None or idx.numel() == rows.shape[0]:
-                out = source.forward(batch["input_ids"], batch["attention_mask"], batch["labels"], k, vocab)
+                out = source.forward(batch["input_ids"], batch["attention_mask"], batch["labels"], k, vocab, aligned)
             else:
                 sub = None
                 if idx.numel() > 0:
-                    sub = source.forward(batch["input_ids"][idx], batch["attention_mask"][idx], batch["labels"][idx], k, vocab)
+                    part = None if aligned is None else AlignedBatch.from_dict(aligned).rows(idx)
+                    sub = source.forward(batch["input_ids"][idx], batch["attention_mask"][idx], batch["labels"][idx], k,
+                                         vocab, part)
                 out = _scatter_rows(sub, idx, batch["input_ids"].shape, k)
             ran = slice(None) if idx is None else idx
             if not torch.isfinite(out.ce[ran]).all():
@@ -575,6 +579,7 @@ class FusionModule(pl.LightningModule):
         for source in self.sources:
             if source.aligner is not None:
                 results[f"align/rate/{source.name}"] = source.alignment_rate
+                results.update({f"align/mass_{k}/{source.name}": v for k, v in source.mass.shares().items()})
         self.log_dict(results, sync_dist=False)
         self.log(f"{stage}/loss", self.eval_loss.compute(), prog_bar=True)
         self.eval_results = results

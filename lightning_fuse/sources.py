@@ -14,12 +14,11 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from lightning_fuse.alignment.aligner import AlignedBatch
+from lightning_fuse.alignment.carry import MassShares
 from lightning_fuse.fusion import (
     SourceOutput,
-    SparseDist,
-    gold_next_tokens,
     next_token_mask,
-    sequence_ce,
     source_output_from_hidden,
     source_output_from_logits,
 )
@@ -86,11 +85,16 @@ def _offline_hint(err: Exception, what: str, path: str) -> Exception:
     )
 
 
-def load_tokenizer(path: str, what: str = "tokenizer", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    path: str, what: str = "tokenizer", trust_remote_code: bool = False, gguf_file: str | None = None
+) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` with clear errors; ``gguf_file`` reads the tokenizer of a GGUF checkpoint
+    inside ``path``. A tokenizer without a pad token gets its EOS (or id 0) as pad."""
     path = resolve_path(path)
     _check_exists(path, what)
+    kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
         raise _offline_hint(err, what, path) from err
     if tok.pad_token is None:
@@ -191,6 +195,7 @@ class FrozenSource:
         self.rows_forwarded = 0  # sequences this source has run on (routed mode runs fewer)
         self.aligned_positions = 0  # target positions that got this source's distribution (cross-tokenizer)
         self.counted_positions = 0  # target positions with a gold next token seen by this source
+        self.mass = MassShares()  # top-k mass at aligned positions by mapping kind (exact / min_ed / dropped)
 
     def attach_aligner(self, target_tokenizer: PreTrainedTokenizerBase, cache_dir: str | None = None) -> None:
         """Map this source's tokens and vocabulary onto the target's (for a source with another tokenizer)."""
@@ -202,11 +207,13 @@ class FrozenSource:
         if cache_dir is not None:
             cache_dir = os.path.expanduser(cache_dir)
         self.aligner = TokenAligner(self.tokenizer, target_tokenizer, mode=self.spec.alignment, cache_dir=cache_dir)
-        mapped = float((self.aligner.vocab_map >= 0).float().mean())
+        kind = self.aligner.vocab_kind
         log.info(
-            "source %r: tokenizer differs from the target's (%d vs %d tokens): %s vocabulary map, %.1f%% of source "
-            "tokens mapped, built/loaded in %.2fs", self.name, len(self.tokenizer), len(target_tokenizer),
-            self.spec.alignment, 100 * mapped, time.perf_counter() - start,
+            "source %r: tokenizer differs from the target's (%d vs %d tokens): %s vocabulary map (%.1f%% of source "
+            "tokens exact, %.1f%% by edit distance, %.1f%% unmapped), source prefix %s, built/loaded in %.2fs",
+            self.name, len(self.tokenizer), len(target_tokenizer), self.spec.alignment,
+            100 * float((kind == 1).float().mean()), 100 * float((kind == 2).float().mean()),
+            100 * float((kind == 0).float().mean()), self.aligner.src_prefix, time.perf_counter() - start,
         )
 
     @property
@@ -224,7 +231,9 @@ class FrozenSource:
         model = load_causal_lm(
             spec.path, f"source {spec.name!r}", spec.dtype, eight_bit, device, spec.trust_remote_code, spec.gguf_file
         )
-        tokenizer = load_tokenizer(spec.tokenizer or spec.path, f"source {spec.name!r} tokenizer", spec.trust_remote_code)
+        gguf = spec.gguf_file if spec.tokenizer is None else None  # the GGUF holds the tokenizer too
+        tokenizer = load_tokenizer(spec.tokenizer or spec.path, f"source {spec.name!r} tokenizer", spec.trust_remote_code,
+                                   gguf_file=gguf)
         mode = "8-bit (bitsandbytes)" if eight_bit else spec.dtype
         why = "" if eight_bit or spec.load_in_8bit is False else " (8-bit is used on CUDA only with load_in_8bit=auto)"
         params = sum(p.numel() for p in model.parameters())
@@ -241,11 +250,20 @@ class FrozenSource:
         return self
 
     @torch.no_grad()
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, top_k: int, vocab_size: int) -> SourceOutput:
-        """Top-k distributions, gold log-probs and per-sequence CE on the target's positions and vocabulary."""
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, top_k: int, vocab_size: int,
+        aligned: AlignedBatch | dict[str, Tensor] | None = None,
+    ) -> SourceOutput:
+        """Top-k distributions, gold log-probs and per-sequence CE on the target's positions and vocabulary.
+
+        The CE (``SourceOutput.ce``) is in nats per target token for every source: for a source with another
+        tokenizer it is its log-likelihood of the block's text under its own tokenisation of the whole block
+        (with its BOS), divided by the block's gold target positions, so that sources of any tokenizer are
+        ranked on the same scale (min_ce, avg_ce, rewards, the CE prior, the warm-up ranking).
+        """
         self.rows_forwarded += input_ids.shape[0]
         if self.aligner is not None:
-            return self._aligned_forward(input_ids, attention_mask, labels, top_k, vocab_size)
+            return self._aligned_forward(input_ids, attention_mask, labels, top_k, vocab_size, aligned)
         head = plain_lm_head(self.model)
         if head is not None:  # the LM head runs per chunk of positions: no [B, L, V] logits (lightning_fuse.logits)
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
@@ -258,44 +276,26 @@ class FrozenSource:
         return out
 
     def _aligned_forward(
-        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, top_k: int, vocab_size: int
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, top_k: int, vocab_size: int,
+        aligned: AlignedBatch | dict[str, Tensor] | None = None,
     ) -> SourceOutput:
         """Run on the source's own tokens of the same text and carry its distributions onto the target's
-        positions and vocabulary; unaligned positions fall back to one-hot on the gold token (and are counted)."""
-        device = input_ids.device
-        aligned = self.aligner.align_batch(input_ids.cpu(), attention_mask.cpu())
-        src_ids, src_mask = aligned.src_ids.to(self.device), aligned.src_mask.to(self.device)
-        logits = self.model(input_ids=src_ids, attention_mask=src_mask.long()).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1).to(device)
+        positions and vocabulary (`lightning_fuse.alignment.carry.carry_over`); unaligned positions fall back to
+        one-hot on the gold token (and are counted). ``aligned``: the batch's alignment when the DataLoader
+        already computed it (see `lightning_fuse.data.AlignCollate`), else it is computed here."""
+        from lightning_fuse.alignment.carry import carry_over
+
+        if aligned is None:
+            aligned = self.aligner.align_batch(input_ids.cpu(), attention_mask.cpu())
+        elif isinstance(aligned, dict):
+            aligned = AlignedBatch.from_dict(aligned)
+        aligned = aligned.to(self.device)
+        logits = self.model(input_ids=aligned.src_ids, attention_mask=aligned.src_mask.long()).logits
+        out, mass, n_aligned = carry_over(
+            logits, aligned, self.aligner.vocab_map, self.aligner.vocab_kind, labels, top_k, vocab_size
+        )
         del logits
-        src_ids = src_ids.to(device)
-        mask = next_token_mask(labels)
-        gold = gold_next_tokens(labels)
-        pos = aligned.src_pos.to(device)
-        ok = (pos >= 0) & mask
-        j = pos.clamp_min(0)
-        k = min(top_k, logprobs.shape[-1])
-        top_lp, top_ids = logprobs.topk(k, dim=-1)  # [B, M, k] in the source vocabulary
-        idx = j.unsqueeze(-1).expand(-1, -1, k)
-        lp = top_lp.gather(1, idx)
-        vocab_map = self.aligner.vocab_map.to(device)
-        if vocab_map.numel() < logprobs.shape[-1]:  # padded embedding rows beyond the source tokenizer's ids
-            vocab_map = torch.cat([vocab_map, vocab_map.new_full((logprobs.shape[-1] - vocab_map.numel(),), -1)])
-        ids = vocab_map[top_ids.gather(1, idx)]
-        ids = ids.masked_fill(ids >= vocab_size, -1)
-        lp = lp.masked_fill(ids < 0, float("-inf"))
-        # the source's log-prob of its own token aligned to the gold target token
-        src_next = src_ids.gather(1, (j + 1).clamp_max(src_ids.shape[1] - 1))
-        gold_lp = logprobs.gather(1, j.unsqueeze(-1).expand(-1, -1, logprobs.shape[-1])).gather(-1, src_next.unsqueeze(-1))
-        gold_lp = gold_lp.squeeze(-1).masked_fill(~ok, 0.0)
-        ce = sequence_ce(gold_lp, ok)
-        gold_lp = torch.where(ok, gold_lp, -ce.unsqueeze(-1)) * mask  # unaligned: impute the sequence mean
-        onehot_ids = torch.full_like(ids, -1)
-        onehot_ids[..., 0] = gold
-        onehot_lp = torch.full_like(lp, float("-inf"))
-        onehot_lp[..., 0] = 0.0
-        ids = torch.where(ok.unsqueeze(-1), ids, onehot_ids)
-        lp = torch.where(ok.unsqueeze(-1), lp, onehot_lp)
-        self.aligned_positions += int(ok.sum())
-        self.counted_positions += int(mask.sum())
-        return SourceOutput(SparseDist(ids, lp), gold_lp, ce)
+        self.mass.add(mass)
+        self.aligned_positions += n_aligned
+        self.counted_positions += int(next_token_mask(labels).sum())
+        return out

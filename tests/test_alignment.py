@@ -9,13 +9,12 @@ import random
 import sysconfig
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from rapidfuzz.distance import Levenshtein
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lightning_fuse import alignment
 from lightning_fuse.alignment import (
     AlignedBatch,
     AlignedBlock,
@@ -26,6 +25,10 @@ from lightning_fuse.alignment import (
     normalize_token,
     tokenizer_kind,
 )
+from lightning_fuse.alignment import aligner as aligner_module
+from lightning_fuse.alignment import normalize as normalize_module
+from lightning_fuse.alignment import vocab_map as vocab_map_module
+from lightning_fuse.alignment.dtw import exact_pairs
 from lightning_fuse.tokenizers import BYTE_FALLBACK_TOKENS, stdlib_texts, train_bpe_tokenizer
 
 BLOCK = 256
@@ -178,7 +181,7 @@ def test_normalize_token(token, kind, expected):
 
 
 def test_partial_bytes_spelled_the_same_by_byte_level_and_byte_fallback():
-    encoder = alignment._BYTE_ENCODER
+    encoder = normalize_module._BYTE_ENCODER
     for b in range(256):
         fallback = normalize_token(f"<0x{b:02X}>", kind="metaspace")
         assert fallback == normalize_token(encoder[b], kind="byte_level")
@@ -208,7 +211,7 @@ def test_dtw_spaces_markers_normalised():
     assert groups == [([0], [0]), ([1], [1])]
     tgt = [normalize_token(t, kind="byte_level") for t in ["hello", "Ġworld"]]
     src = [normalize_token(t, kind="metaspace") for t in ["▁hello", "▁world"]]
-    assert alignment._exact_pairs(groups, tgt, src) == [(1, 1)]  # ' world' == ' world'; 'hello' != ' hello'
+    assert exact_pairs(groups, tgt, src) == [(1, 1)]  # ' world' == ' world'; 'hello' != ' hello'
 
 
 def test_dtw_one_to_many_and_many_to_one():
@@ -323,14 +326,15 @@ def test_align_fallbacks(handmade, monkeypatch):
     block = aligner.align(broken)
     assert block.method == "dtw" and len(block.src_pos) == 4
     _assert_never_misaligned(llama, gpt2, broken, block)
-    monkeypatch.setattr(alignment, "_MAX_DTW_CELLS", 1)  # too long for the DTW fallback: unaligned, no error
-    assert aligner.align(broken) == AlignedBlock(block.src_ids, [-1] * 4, "none")
+    monkeypatch.setattr(aligner_module, "MAX_DTW_CELLS", 1)  # too long for the DTW fallback: unaligned, no error
+    unaligned = aligner.align(broken)
+    assert unaligned.method == "none" and unaligned.src_pos == [-1] * 4 and unaligned.src_ids == block.src_ids
 
 
 def test_align_empty_and_single_token(handmade):
     gpt2, llama = handmade
     aligner = TokenAligner(llama, gpt2)
-    assert aligner.align([]) == AlignedBlock([], [])
+    assert aligner.align([]) == AlignedBlock([], [], "spans", [], [])
     block = aligner.align(_ids(gpt2, "hello"))
     assert block.src_ids == _ids(llama, "hello") and block.src_pos == [-1]
     assert alignment_rate(block.src_pos) == 0.0
@@ -410,7 +414,8 @@ def test_real_text_alignment_rate(trained, heldout, tgt, src):
 @pytest.mark.parametrize(("tgt", "src"), [("byte_level", "metaspace"), ("metaspace", "byte_level")])
 def test_marker_bug_collapses_rate(trained, heldout, tgt, src, monkeypatch):
     """FuseLLM's bug (markers such as 'Ġ' not normalised) must push the exact-alignment rate under the floor."""
-    monkeypatch.setattr(alignment, "normalize_token", lambda token, kind=None: token)
+    for module in (aligner_module, vocab_map_module):
+        monkeypatch.setattr(module, "normalize_token", lambda token, kind=None: token)
     aligner = TokenAligner(trained[src], trained[tgt], mode="exact")
     blocks = _blocks(trained[tgt], heldout)[:64]
     rate = alignment_rate(aligner.align_batch(blocks).src_pos)
@@ -439,7 +444,7 @@ def test_identical_trained_tokenizers_identity(trained, heldout):
 def test_vocab_map_exact_vs_min_ed(trained):
     src_tok, tgt_tok = trained["byte_level"], trained["metaspace"]
     exact = build_vocab_map(src_tok, tgt_tok, mode="exact")
-    min_ed = build_vocab_map(src_tok, tgt_tok, mode="min_ed")
+    min_ed = build_vocab_map(src_tok, tgt_tok, mode="min_ed", max_distance=1.0)  # no cutoff: a true minimum
     assert exact.shape == min_ed.shape == (len(src_tok),) and exact.dtype == min_ed.dtype == torch.long
     src_norm = [
         normalize_token(t, kind="byte_level") for t in src_tok.convert_ids_to_tokens(range(len(src_tok)))
@@ -452,19 +457,21 @@ def test_vocab_map_exact_vs_min_ed(trained):
     print(f"\nexact matches {len(matched)}/{len(src_tok)} source ids")
     assert len(matched) > 0.5 * len(src_tok)
     assert all(src_norm[s] == tgt_norm[exact[s]] for s in matched if s not in special)
-    # min_ed maps everything, agrees with exact where exact has a match, and is a true minimum elsewhere
-    assert (min_ed >= 0).all() and (min_ed < len(tgt_tok)).all()
+    # without cutoff min_ed maps every regular token, agrees with exact where exact has a match, and is a true
+    # minimum elsewhere
+    regular = torch.tensor([i not in special for i in range(len(src_tok))])
+    assert (min_ed[regular] >= 0).all() and (min_ed < len(tgt_tok)).all()
     assert torch.equal(min_ed[exact >= 0], exact[exact >= 0])
     candidates = [t for i, t in enumerate(tgt_norm) if i not in set(tgt_tok.all_special_ids)]
     unmatched = (exact < 0).nonzero().flatten().tolist()
     for s in random.Random(0).sample(unmatched, min(25, len(unmatched))):
-        best = min(alignment._levenshtein(src_norm[s], c) for c in candidates)
+        best = min(Levenshtein.distance(src_norm[s], c) for c in candidates)
         got = tgt_norm[min_ed[s]]
-        assert alignment._levenshtein(src_norm[s], got) == best, (src_norm[s], got)
+        assert Levenshtein.distance(src_norm[s], got) == best, (src_norm[s], got)
         tie_len = min(
             abs(len(c) - len(src_norm[s]))
             for c in candidates
-            if alignment._levenshtein(src_norm[s], c) == best
+            if Levenshtein.distance(src_norm[s], c) == best
         )
         assert abs(len(got) - len(src_norm[s])) == tie_len
         assert _bytes(tgt_tok, [int(min_ed[s])]) == [got.encode("utf-8", "surrogateescape")]
@@ -477,21 +484,45 @@ def test_min_ed_prefers_regular_token_over_byte_fallback(handmade):
     assert llama.convert_ids_to_tokens(int(vmap[gpt2.convert_tokens_to_ids("w")])) == "w"
 
 
-def test_levenshtein_kernels_agree():
-    rng = random.Random(0)
-    alphabet = "ab c\né\udcc3"
-    for m, n in [(1, 3), (5, 5), (7, 2), (0, 4), (3, 0), (70, 5), (66, 70)]:
-        queries = ["".join(rng.choice(alphabet) for _ in range(m)) for _ in range(13)]
-        targets = ["".join(rng.choice(alphabet) for _ in range(n)) for _ in range(17)]
-        expected = np.array([[alignment._levenshtein(q, t) for t in targets] for q in queries])
-        assert (alignment._levenshtein_matrix_numpy(queries, targets, None) == expected).all()
-        if m and n:
-            assert (alignment._levenshtein_matrix_torch(queries, targets) == expected).all()
-        try:
-            got = alignment._levenshtein_matrix_rapidfuzz(queries, targets, None)
-        except ImportError:
-            continue
-        assert (got == expected).all()
+def test_min_ed_cutoff_and_special_tokens(handmade):
+    """min_ed never maps a token to an unrelated string (normalised edit distance over the cutoff), nor a special
+    token to a regular one: such ids map to -1 (their mass goes to the "other" bucket) and are counted dropped."""
+    gpt2, llama = handmade
+    tokyo = "".join(normalize_module._BYTE_ENCODER[b] for b in "東京都".encode())  # as byte-level BPE spells it
+    src = _handmade("byte_level", ["Ġhellx", tokyo, "Ġwor"])
+    src.add_special_tokens({"additional_special_tokens": ["<start_of_image>"]})
+    vmap, kind = build_vocab_map(src, llama, mode="min_ed", with_kind=True)
+    assert vmap.shape == kind.shape == (len(src),)
+    tgt = llama.convert_ids_to_tokens
+
+    def mapped(token):
+        i = src.convert_tokens_to_ids(token)
+        return (tgt(int(vmap[i])) if vmap[i] >= 0 else None), int(kind[i])
+
+    assert mapped("Ġhellx") == ("▁hello", vocab_map_module.MIN_ED)  # distance 1 of 6
+    assert mapped("Ġwor") == ("▁wor", vocab_map_module.EXACT)
+    assert mapped(tokyo) == (None, vocab_map_module.DROPPED)  # no shared character: was mapped to some token
+    assert mapped("<start_of_image>") == (None, vocab_map_module.DROPPED)  # special: never onto a regular token
+    assert mapped("<|endoftext|>") == ("</s>", vocab_map_module.EXACT)  # same role
+    # no cutoff: the nearest string whatever it is (FuseLLM's MinED); special tokens stay unmapped
+    loose = build_vocab_map(src, llama, mode="min_ed", max_distance=1.0)
+    assert loose[src.convert_tokens_to_ids(tokyo)] >= 0
+    assert loose[src.convert_tokens_to_ids("<start_of_image>")] == -1
+    with pytest.raises(ValueError, match="`max_distance` must be in"):
+        build_vocab_map(src, llama, max_distance=2.0)
+
+
+def test_vocab_map_cache_file_is_readable_by_others(trained, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        build_vocab_map(trained["byte_level"], trained["metaspace"], mode="exact", cache_dir=tmp_path)
+    finally:
+        os.umask(old)
+    (path,) = tmp_path.iterdir()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # as open() gives under umask 022, not mkstemp's 0600
 
 
 def test_vocab_map_cache_reused(trained, tmp_path, monkeypatch):
@@ -505,7 +536,7 @@ def test_vocab_map_cache_reused(trained, tmp_path, monkeypatch):
 
     loaded = []
     real_load = torch.load
-    monkeypatch.setattr(alignment, "_min_edit_distance_search", no_search)
+    monkeypatch.setattr(vocab_map_module, "nearest_strings", no_search)
     monkeypatch.setattr(torch, "load", lambda f, *a, **k: loaded.append(Path(f)) or real_load(f, *a, **k))
     second = build_vocab_map(src_tok, tgt_tok, mode="min_ed", cache_dir=tmp_path)
     assert torch.equal(first, second) and loaded == [tmp_path / files[0]]
@@ -515,5 +546,5 @@ def test_vocab_map_cache_reused(trained, tmp_path, monkeypatch):
     monkeypatch.undo()
     (tmp_path / files[0]).write_bytes(b"not a tensor")
     assert torch.equal(build_vocab_map(src_tok, tgt_tok, mode="min_ed", cache_dir=tmp_path), first)
-    assert torch.equal(torch.load(tmp_path / files[0], weights_only=True), first)
+    assert torch.equal(torch.load(tmp_path / files[0], weights_only=True)["map"], first)
     assert not list(tmp_path.glob("*.tmp"))

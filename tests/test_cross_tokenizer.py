@@ -58,3 +58,36 @@ def _loader(world, module):
     dm.connect(module.tokenizer, module.max_seq_length)
     dm.setup("fit")
     return dm.train_dataloader()
+
+
+def test_alignment_runs_in_the_dataloader_and_matches_the_step(tiny_world, other_source, tmp_path):
+    """With a cross-tokenizer source, batches carry its alignment (computed by the DataLoader's worker), equal
+    to aligning in the step, and the step's outputs do not depend on where it was computed."""
+    import lightning.pytorch as pl
+
+    from lightning_fuse import TextDataModule
+
+    module = FusionModule(target=tiny_world["target"], sources=[SourceSpec("other", other_source)],
+                          strategy="uniform", alignment_cache_dir=None)
+    seen = []
+
+    class Check(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            (source,) = pl_module.sources
+            aligned = batch["aligned"]["other"]
+            inline = source.aligner.align_batch(batch["input_ids"], batch["attention_mask"])
+            for key, value in inline.as_dict().items():
+                assert torch.equal(aligned[key], value), key
+            plain = {k: v for k, v in batch.items() if k != "aligned"}
+            a, b = pl_module.run_sources(batch)[0], pl_module.run_sources(plain)[0]
+            assert torch.equal(a.dist.ids, b.dist.ids) and torch.equal(a.ce, b.ce)
+            seen.append(batch_idx)
+
+    dm = TextDataModule(tiny_world["corpus"], block_size=32, batch_size=8, num_workers=1, max_blocks_per_domain=16,
+                        max_val_blocks_per_domain=8)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, callbacks=[Check()])
+    trainer.fit(module, dm)
+    assert seen == [0, 1]
+    trainer.validate(module, dm, verbose=False)  # validation batches carry the alignment too
+    assert set(module.eval_results) >= {"align/rate/other", "align/mass_exact/other", "align/mass_dropped/other"}

@@ -218,3 +218,44 @@ def test_cache_identity_of_an_aligned_source_records_alignment_and_target_tokeni
     assert "alignment" not in source_identity(SourceSpec("sums", tiny_world["sums"], tokenizer=other), other_target)["model_id"]
     same = [source_identity(SourceSpec("words", tiny_world["words"], alignment=m), target_tok) for m in ("exact", "min_ed")]
     assert same[0] == same[1] and "alignment" not in same[0]["model_id"]
+
+
+def test_precompute_and_offline_fit_with_a_cross_tokenizer_source(tiny_world, tmp_path, tmp_path_factory):
+    """`lightning-fuse precompute` with a source of another tokenizer (its one-hot fallback and unmapped ids leave
+    empty slots, id -1), then the offline step equals the online one on the same batch, and an offline fit runs."""
+    from tiny import other_tokenizer_source
+
+    other = other_tokenizer_source(tiny_world, tmp_path_factory.getbasetemp())
+    config = {
+        "model": {"class_path": "lightning_fuse.FusionModule", "init_args": {
+            "target": tiny_world["target"], "sources": [{"name": "words", "path": tiny_world["words"]},
+                                                        {"name": "other", "path": other}],
+            "selector_features": "rewards", "offline": True, "alignment_cache_dir": None}},
+        "data": {"class_path": "lightning_fuse.offline.CachedTextDataModule", "init_args": {
+            "data_dir": tiny_world["corpus"], "cache_dir": str(tmp_path / "cache"), "block_size": BLOCK,
+            "batch_size": BATCH, "max_blocks_per_domain": 32, "max_val_blocks_per_domain": 8}},
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    root = run_precompute(str(tmp_path / "fit.yaml"))
+    specs = [SourceSpec("words", tiny_world["words"]), SourceSpec("other", other)]
+    pl.seed_everything(0, verbose=False)
+    online = FusionModule(target=tiny_world["target"], sources=specs, selector_features="rewards",
+                          alignment_cache_dir=None)
+    online.configure_model()
+    pl.seed_everything(0, verbose=False)
+    offline = FusionModule(target=tiny_world["target"], sources=specs, selector_features="rewards", offline=True)
+    offline.configure_model()
+    dm = make_dm(tiny_world, root, offline, max_blocks_per_domain=32, max_val_blocks_per_domain=8)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert (batch["cached"]["other"]["ids"] == -1).any()  # empty slots survive the round trip
+    plain = {k: v for k, v in batch.items() if k != "cached"}
+    r_on, r_off = online._step(plain, "train"), offline._step(batch, "train")
+    torch.testing.assert_close(r_off["source_ce"], r_on["source_ce"], rtol=0, atol=1e-5)
+    for key in ("loss", "kd", "selector_loss"):
+        torch.testing.assert_close(r_off[key], r_on[key], rtol=2e-3, atol=1e-3, msg=key)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1)
+    trainer.fit(offline, make_dm(tiny_world, root, offline, max_blocks_per_domain=32, max_val_blocks_per_domain=8))
+    assert trainer.global_step == 2
+

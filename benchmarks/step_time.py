@@ -1,0 +1,122 @@
+"""Training step time with a cross-tokenizer source vs an equal-size same-tokenizer source (issue 11, item 8).
+
+Three fits of the same target on the same blocks, each with one frozen source of the same architecture and
+vocabulary size:
+
+- ``same``: the source shares the target's tokenizer (no alignment);
+- ``cross``: the source has its own tokenizer; its alignment runs in the DataLoader (``AlignCollate``, one worker);
+- ``cross, inline``: the same source aligned inside the training step (the behaviour before: the accelerator waits).
+
+Rounds are interleaved (same, cross, inline, same, ...); the step time is measured by a callback from
+``on_train_batch_start`` to ``on_train_batch_end`` plus the wait for the next batch, i.e. the wall time between
+two batch starts, warm-up steps excluded. Tokenizers (byte-level target, metaspace source, 2000 tokens each) are
+trained on Python stdlib sources: nothing is downloaded.
+
+    python benchmarks/step_time.py                       # ~3 min on 2 CPU cores
+    python benchmarks/step_time.py --device cuda --length 2048 --hidden 512 --layers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_fuse import FusionModule, SourceSpec, TextDataModule
+from lightning_fuse.tokenizers import stdlib_texts, train_bpe_tokenizer
+
+
+def _llama(vocab: int, hidden: int, layers: int, positions: int, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
+        max_position_embeddings=positions, tie_word_embeddings=True,
+    ))
+
+
+class StepTimer(pl.Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.starts = warmup, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self.starts.append(time.perf_counter())
+
+    def times(self) -> list[float]:
+        return [b - a for a, b in zip(self.starts, self.starts[1:])][self.warmup:]
+
+
+def _fit(target: str, spec: SourceSpec, data: str, args, inline: bool) -> list[float]:
+    module = FusionModule(target=target, sources=[spec], strategy="uniform", alignment_cache_dir=None,
+                          learning_rate=1e-4)
+    dm = TextDataModule(data, block_size=args.length, batch_size=args.batch, num_workers=1, val_fraction=0.05)
+    if inline:  # the previous behaviour: no alignment in the DataLoader, the step aligns
+        dm._collate = lambda: None
+    timer = StepTimer(args.warmup)
+    trainer = pl.Trainer(max_steps=args.warmup + args.steps + 1, accelerator=args.device, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])
+    trainer.fit(module, dm)
+    return timer.times()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per fit")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
+    pl.seed_everything(0, verbose=False)
+    root = Path(tempfile.mkdtemp(prefix="step_time_"))
+    train = stdlib_texts(1_500_000)
+    tgt_tok = train_bpe_tokenizer(train, args.vocab, "byte_level")
+    src_tok = train_bpe_tokenizer(train, args.vocab, "metaspace")
+    data = root / "data"
+    data.mkdir()
+    (data / "code.txt").write_text("\n".join(stdlib_texts(4 * args.batch * args.length * 60, skip_chars=2_000_000)))
+    folders = {}
+    for name, tok, seed in (("target", tgt_tok, 0), ("same", tgt_tok, 1), ("cross", src_tok, 1)):
+        model = _llama(len(tok), args.hidden, args.layers, 2 * args.length + 8, seed)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        folders[name] = str(root / name)
+    configs = {
+        "same": (SourceSpec("src", folders["same"]), False),
+        "cross": (SourceSpec("src", folders["cross"]), False),
+        "cross, inline": (SourceSpec("src", folders["cross"]), True),
+    }
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for r in range(args.rounds):
+        for name, (spec, inline) in configs.items():
+            t = _fit(folders["target"], spec, str(data), args, inline)
+            times[name] += t
+            print(f"round {r}: {name:14s} median {statistics.median(t) * 1e3:7.1f} ms/step", flush=True)
+    print(f"\nB={args.batch} L={args.length} hidden={args.hidden} layers={args.layers} vocab={args.vocab} on "
+          f"{args.device}, 1 DataLoader worker, {args.rounds} interleaved rounds x {args.steps} steps")
+    print("| source | median ms/step | p25-p75 | vs same |")
+    print("|---|---|---|---|")
+    base = statistics.median(times["same"])
+    for name, t in times.items():
+        q = statistics.quantiles(t, n=4)
+        print(f"| {name} | {statistics.median(t) * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[2] * 1e3:.1f} | "
+              f"{statistics.median(t) / base - 1:+.1%} |")
+
+
+
+if __name__ == "__main__":
+    main()

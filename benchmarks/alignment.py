@@ -26,6 +26,28 @@ def _blocks(ids: list[int], length: int, max_tokens: int) -> torch.Tensor:
     return torch.tensor(ids[: n * length]).view(n, length)
 
 
+def dtw_tokens_per_s(aligner: TokenAligner, ids: list[int], length: int, max_tokens: int) -> dict:
+    """FuseLLM's full DTW (``align(method="dtw")``, one block at a time) on blocks of ``ids``: target tokens/s and
+    exact-alignment rate, plus the fast method's rate on the same blocks."""
+    blocks = _blocks(ids, length, max_tokens)
+    t0 = time.perf_counter()
+    dtw_pos = [aligner.align(b.tolist(), method="dtw").src_pos for b in blocks]
+    dt = time.perf_counter() - t0
+    fast = aligner.align_batch(blocks)
+    return {"blocks": len(blocks), "tokens_per_s": blocks.numel() / dt, "rate": alignment_rate(dtw_pos),
+            "fast_rate": alignment_rate(fast.src_pos)}
+
+
+def fast_tokens_per_s(aligner: TokenAligner, ids: list[int], length: int, max_tokens: int) -> dict:
+    """``TokenAligner.align_batch`` (byte spans) on blocks of ``ids``: target tokens/s and exact-alignment rate."""
+    blocks = _blocks(ids, length, max_tokens)
+    aligner.align_batch(blocks[:2])  # warm-up
+    t0 = time.perf_counter()
+    fast = aligner.align_batch(blocks)
+    dt = time.perf_counter() - t0
+    return {"blocks": len(blocks), "tokens_per_s": blocks.numel() / dt, "rate": alignment_rate(fast.src_pos)}
+
+
 def _kernels() -> dict:
     kernels = {"numpy (Myers bit-parallel)": alignment._levenshtein_matrix_numpy}
     try:
@@ -83,26 +105,12 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for length in (256, 1024, 4096):
         if length <= 1024:
-            blocks = _blocks(ids, length, args.dtw_tokens)
-            t0 = time.perf_counter()
-            dtw_pos = [aligner.align(b.tolist(), method="dtw").src_pos for b in blocks]
-            dt = time.perf_counter() - t0
-            print(
-                f"| full DTW | {length} | {len(blocks)} | {blocks.numel() / dt:,.0f} | {alignment_rate(dtw_pos):.3f} |"
-            )
-            fast = aligner.align_batch(blocks)
-            print(
-                f"| fast, same blocks | {length} | {len(blocks)} | - | {alignment_rate(fast.src_pos):.3f} |"
-            )
+            r = dtw_tokens_per_s(aligner, ids, length, args.dtw_tokens)
+            print(f"| full DTW | {length} | {r['blocks']} | {r['tokens_per_s']:,.0f} | {r['rate']:.3f} |")
+            print(f"| fast, same blocks | {length} | {r['blocks']} | - | {r['fast_rate']:.3f} |")
+        r = fast_tokens_per_s(aligner, ids, length, args.eval_tokens)
+        print(f"| fast (align_batch) | {length} | {r['blocks']} | {r['tokens_per_s']:,.0f} | {r['rate']:.3f} |")
         blocks = _blocks(ids, length, args.eval_tokens)
-        aligner.align_batch(blocks[:2])  # warm-up
-        t0 = time.perf_counter()
-        fast = aligner.align_batch(blocks)
-        dt = time.perf_counter() - t0
-        print(
-            f"| fast (align_batch) | {length} | {len(blocks)} | {blocks.numel() / dt:,.0f} | "
-            f"{alignment_rate(fast.src_pos):.3f} |"
-        )
         t0 = time.perf_counter()
         for b in blocks[:16]:
             aligner.align(b.tolist())

@@ -33,6 +33,28 @@ def _blocks(ids: list[int], length: int, max_tokens: int) -> torch.Tensor:
     return torch.tensor(ids[: n * length]).view(n, length)
 
 
+def dtw_tokens_per_s(aligner: TokenAligner, ids: list[int], length: int, max_tokens: int) -> dict:
+    """FuseLLM's full DTW (``align(method="dtw")``, one block at a time) on blocks of ``ids``: target tokens/s and
+    exact-alignment rate, plus the fast method's rate on the same blocks."""
+    blocks = _blocks(ids, length, max_tokens)
+    t0 = time.perf_counter()
+    dtw_pos = [aligner.align(b.tolist(), method="dtw").src_pos for b in blocks]
+    dt = time.perf_counter() - t0
+    fast = aligner.align_batch(blocks)
+    return {"blocks": len(blocks), "tokens_per_s": blocks.numel() / dt, "rate": alignment_rate(dtw_pos),
+            "fast_rate": alignment_rate(fast.src_pos)}
+
+
+def fast_tokens_per_s(aligner: TokenAligner, ids: list[int], length: int, max_tokens: int) -> dict:
+    """``TokenAligner.align_batch`` (byte spans) on blocks of ``ids``: target tokens/s and exact-alignment rate."""
+    blocks = _blocks(ids, length, max_tokens)
+    aligner.align_batch(blocks[:2])  # warm-up
+    t0 = time.perf_counter()
+    fast = aligner.align_batch(blocks)
+    dt = time.perf_counter() - t0
+    return {"blocks": len(blocks), "tokens_per_s": blocks.numel() / dt, "rate": alignment_rate(fast.src_pos)}
+
+
 def _time_vocab_map(src, tgt, label: str) -> None:
     t0 = time.perf_counter()
     exact = build_vocab_map(src, tgt, mode="exact")

@@ -1,13 +1,16 @@
-"""Weight-merge baselines (MergeKit-style) for source models that share one architecture.
+"""Weight-merge baselines for source models that share one architecture, driven by mergekit.
 
 Fusion (``lightning-fuse fit``) combines models of *different* architectures and vocabularies by distilling
-their output distributions into a target. The baselines here average weights directly, so they need every
-model to have the same parameter names and shapes. They exist to compare fusion against.
+their output distributions into a target. Weight merging averages the parameters directly, so it needs every
+model to have the same parameter names and shapes; it is here to compare fusion against. ``merge_models``
+checks the arguments and the models (one line per problem), then hands the merge to mergekit
+(https://github.com/arcee-ai/mergekit, an optional extra: ``pip install -e ".[peers]"``), so every mergekit method
+(linear, ties, dare_ties, task_arithmetic, slerp, della, breadcrumbs, model_stock, ...) is available and its
+results are mergekit's own, with mergekit's conventions: TIES keeps ``int(density * n)`` entries per tensor, the
+elected sign of an entry whose weighted sum is exactly 0 is +1, DARE draws from ``seed``.
 
-- :func:`linear_merge`: weighted average of the parameters.
-- :func:`ties_merge`: TIES-Merging (Yadav et al. 2023, https://arxiv.org/abs/2306.01708): trim each task vector
-  to its largest-magnitude entries, elect one sign per parameter, average only the entries that agree with it.
-- :func:`merge_models`: load Hugging Face folders, check they match, merge, save a loadable HF folder.
+One choice is ours: tensors are merged in ``compute_dtype`` (default float32; mergekit's own default is the
+models' dtype) and stored in ``dtype``.
 
 Example::
 
@@ -18,205 +21,246 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
-
-import torch
-from torch import Tensor
-
-from lightning_fuse.io import write_model_folder
+from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["linear_merge", "merge_models", "ties_merge"]
+__all__ = ["MERGEKIT_MISSING", "merge_methods", "merge_models"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("float32", "bfloat16", "float16")
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+MERGEKIT_MISSING = (
+    "`lightning-fuse merge` runs mergekit, which is not installed: pip install -e \".[peers]\" (or pip install mergekit)."
+)
 _SAME_ARCH_HINT = (
     "Weight merging needs models of the same architecture (same parameter names and shapes); "
     "to combine models of different architectures, fuse them with `lightning-fuse fit`."
 )
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Checks
-# --------------------------------------------------------------------------------------------------------------
-def _arg_problems(num_models: int, weights: Sequence[float] | None, density: float | None) -> list[str]:
-    """All problems with the shared merge arguments, one message each (empty if fine)."""
+def merge_methods() -> dict[str, Any]:
+    """mergekit's merge methods by name (``MergeMethodSpec``: parameters, base-model policy, reference).
+
+    Raises:
+        ImportError: mergekit is not installed (the message names the install command).
+    """
+    try:
+        from mergekit.merge_methods import registry
+    except ImportError:
+        raise ImportError(MERGEKIT_MISSING) from None
+    return {m.spec.name: m.spec for m in registry.registered_methods()}
+
+
+def _arg_problems(
+    spec: Any | None,
+    method: str,
+    methods: Sequence[str],
+    num_models: int,
+    base_path: str | None,
+    weights: Sequence[float] | None,
+    density: float | None,
+    lambda_: float | None,
+    parameters: dict[str, Any],
+    dtype: str,
+    compute_dtype: str,
+) -> list[str]:
+    """All problems with the arguments, one message each (empty if fine)."""
     problems = []
-    if num_models < 2:
-        problems.append(f"Merging needs at least 2 models, got {num_models}.")
+    if spec is None:
+        problems.append(f"`method` can be {', '.join(methods)} (mergekit's methods), got {method!r}.")
+    inputs = num_models + (base_path is not None)
+    if num_models < 1 or inputs < 2:
+        problems.append(f"Merging needs at least 2 models (base included), got {inputs}.")
     if weights is not None:
         weights = list(weights)
         if len(weights) != num_models:
             problems.append(
                 f"`weights` must have one value per model ({num_models}), got {len(weights)}: {weights}."
             )
-        if not all(math.isfinite(w) and w >= 0 for w in weights):
-            problems.append(f"`weights` must be finite and non-negative, got {weights}.")
-        elif weights and not any(w > 0 for w in weights):
-            problems.append(f"`weights` must not all be zero, got {weights}.")
+        if not all(math.isfinite(w) for w in weights):
+            problems.append(f"`weights` must be finite, got {weights}.")
     if density is not None and not 0 < density <= 1:
         problems.append(f"`density` must be in (0, 1], got {density}.")
+    for name, value in (("dtype", dtype), ("compute_dtype", compute_dtype)):
+        if value not in _DTYPES:
+            problems.append(f"`{name}` can be {', '.join(_DTYPES)}, got {value!r}.")
+    if spec is None:
+        return problems
+    policy = spec.contract.base.value
+    if policy == "required" and base_path is None:
+        problems.append(
+            f"`method={method!r}` needs `base_path`: the model the sources were fine-tuned from "
+            "(task vectors are source - base). Pass `base_path` or use `method='linear'`."
+        )
+    if policy == "forbidden" and base_path is not None:
+        problems.append(f"`method={method!r}` takes no `base_path`; leave it out.")
+    known = [p.name for p in spec.parameters]
+    for flag, name, value in (("weights", "weight", weights), ("density", "density", density),
+                              ("lambda_", "lambda", lambda_)):
+        if value is not None and name not in known:
+            problems.append(f"`{flag}` is not a parameter of {method!r}; it takes: {', '.join(known) or 'none'}.")
+    unknown = sorted(set(parameters) - set(known))
+    if unknown:
+        problems.append(
+            f"`parameters` {unknown} are not parameters of {method!r}; it takes: {', '.join(known) or 'none'}."
+        )
     return problems
 
 
-def _raise_if(problems: list[str]) -> None:
-    if problems:
-        raise ValueError("\n".join(problems))
+def _meta_state_shapes(path: str, trust_remote_code: bool) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """(model class name, parameter name -> shape) of a folder's model, built from its config on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return type(model).__name__, {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _check_same_keys(
-    ref: Mapping[str, Tensor], other: Mapping[str, Tensor], ref_name: str, other_name: str
-) -> None:
-    """Raise on the first key that is missing, extra or differently shaped in ``other``."""
-    for key, tensor in ref.items():
-        if key not in other:
+def _check_same_architecture(paths: list[str], trust_remote_code: bool) -> None:
+    """Raise on the first model whose class, parameter names or shapes differ from ``paths[0]``'s."""
+    ref_cls, ref = _meta_state_shapes(paths[0], trust_remote_code)
+    for path in paths[1:]:
+        cls, other = _meta_state_shapes(path, trust_remote_code)
+        where = f"Cannot merge `{path}` with `{paths[0]}`"
+        if cls != ref_cls:
+            raise ValueError(f"{where}: `{path}` is a {cls} but `{paths[0]}` is a {ref_cls}. {_SAME_ARCH_HINT}")
+        for key, shape in ref.items():
+            if key not in other:
+                raise ValueError(f"{where}: key `{key}` is in `{paths[0]}` but missing from `{path}`. {_SAME_ARCH_HINT}")
+            if other[key] != shape:
+                raise ValueError(
+                    f"{where}: key `{key}` has shape {other[key]} in `{path}` but {shape} in `{paths[0]}`. "
+                    f"{_SAME_ARCH_HINT}"
+                )
+        extra = [key for key in other if key not in ref]
+        if extra:
             raise ValueError(
-                f"Cannot merge `{other_name}` with `{ref_name}`: key `{key}` is in `{ref_name}` but missing from "
-                f"`{other_name}`. {_SAME_ARCH_HINT}"
+                f"{where}: `{path}` has {len(extra)} key(s) that `{paths[0]}` lacks, first `{extra[0]}`. {_SAME_ARCH_HINT}"
             )
-        if other[key].shape != tensor.shape:
-            raise ValueError(
-                f"Cannot merge `{other_name}` with `{ref_name}`: key `{key}` has shape {tuple(other[key].shape)} in "
-                f"`{other_name}` but {tuple(tensor.shape)} in `{ref_name}`. {_SAME_ARCH_HINT}"
-            )
-    extra = [key for key in other if key not in ref]
-    if extra:
-        raise ValueError(
-            f"Cannot merge `{other_name}` with `{ref_name}`: `{other_name}` has {len(extra)} key(s) that "
-            f"`{ref_name}` lacks, first `{extra[0]}`. {_SAME_ARCH_HINT}"
-        )
 
 
-def _normalised(weights: Sequence[float] | None, num_models: int) -> list[float]:
-    if weights is None:
-        return [1.0 / num_models] * num_models
-    total = float(sum(weights))
-    return [float(w) / total for w in weights]
+def merge_models(
+    model_paths: Sequence[str],
+    out_dir: str,
+    method: str = "linear",
+    base_path: str | None = None,
+    weights: Sequence[float] | None = None,
+    density: float | None = None,
+    lambda_: float | None = None,
+    parameters: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    compute_dtype: str = "float32",
+    seed: int = 0,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Merge same-architecture Hugging Face causal LMs with mergekit and save the result as a Hugging Face folder.
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Merge half-precision tensors in float32; keep float64 as is."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# In-memory merges
-# --------------------------------------------------------------------------------------------------------------
-def linear_merge(
-    state_dicts: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None = None
-) -> dict[str, Tensor]:
-    """Weighted average ``sum_i w_i * theta_i`` of same-shaped state dicts.
-
-    Floating tensors are averaged in (at least) float32 and returned in the dtype of ``state_dicts[0]``;
-    non-float tensors (integer buffers) are copied from ``state_dicts[0]``.
+    The merged folder (safetensors, config, the tokenizer of the first model if it has one, mergekit's
+    ``mergekit_config.yml`` and ``merge_config.json`` with these arguments) is written to a temp folder beside
+    ``out_dir`` and then renamed to it, so ``out_dir`` never holds a half-written model.
 
     Args:
-        state_dicts: two or more state dicts with the same keys and shapes.
-        weights: one non-negative weight per state dict, normalised to sum to 1. Default: uniform.
-
-    Raises:
-        ValueError: fewer than 2 state dicts, bad ``weights``, or keys/shapes that differ.
-    """
-    _raise_if(_arg_problems(len(state_dicts), weights, density=None))
-    for i in range(1, len(state_dicts)):
-        _check_same_keys(state_dicts[0], state_dicts[i], "state_dicts[0]", f"state_dicts[{i}]")
-    w = _normalised(weights, len(state_dicts))
-
-    merged = {}
-    for key, ref in state_dicts[0].items():
-        if not ref.is_floating_point():
-            merged[key] = ref.clone()
-            continue
-        acc = torch.zeros(ref.shape, dtype=_compute_dtype(ref.dtype), device=ref.device)
-        for w_i, sd in zip(w, state_dicts, strict=True):
-            acc.add_(sd[key].to(device=acc.device, dtype=acc.dtype), alpha=w_i)
-        merged[key] = acc.to(ref.dtype)
-    return merged
-
-
-def _trim(tau: Tensor, density: float) -> Tensor:
-    """Keep the ``k = max(1, round(density * numel))`` largest-magnitude entries of ``tau``; zero the rest."""
-    n = tau.numel()
-    k = max(1, round(density * n))
-    if k >= n:
-        return tau
-    flat = tau.flatten()
-    keep = flat.abs().topk(k, sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[keep] = flat[keep]
-    return out.view_as(tau)
-
-
-def _disjoint_merge(taus: Tensor, weights: Tensor) -> Tensor:
-    """Elect a sign per entry, then take the weighted mean of the entries that agree with it.
-
-    Args:
-        taus: ``(N, *shape)`` trimmed task vectors.
-        weights: ``(N,)`` non-negative model weights.
+        model_paths: local folders of the models to merge (same architecture and parameter shapes).
+        out_dir: folder to create; must not exist or be empty.
+        method: a mergekit merge method: linear, ties, dare_ties, dare_linear, task_arithmetic, slerp, nuslerp,
+            multislerp, della, della_linear, breadcrumbs, breadcrumbs_ties, model_stock, sce, karcher, ...
+        base_path: folder of the model the sources were fine-tuned from (ties, dare_*, task_arithmetic, slerp, ...).
+        weights: one weight per model (mergekit's ``weight``). Default: 1 each (linear and ties normalise them).
+        density: fraction of each task vector kept per tensor, in (0, 1] (ties, dare_*, della, breadcrumbs).
+        lambda_: scale of the merged task vector (mergekit's ``lambda``; task-arithmetic methods).
+        parameters: any other mergekit parameters of ``method`` (e.g. ``{"t": 0.5}`` for slerp,
+            ``{"normalize": false}``), applied to every model.
+        dtype: dtype the merged model is stored in: float32, bfloat16 or float16.
+        compute_dtype: dtype tensors are merged in (mergekit's ``dtype``).
+        seed: random seed (the DARE and DELLA methods drop entries at random).
+        trust_remote_code: passed to ``from_pretrained`` for models and tokenizer.
 
     Returns:
-        ``(*shape)``; 0 where no model agrees with the elected sign (or the sum is exactly 0).
-    """
-    w = weights.to(taus).view(-1, *([1] * (taus.dim() - 1)))  # (N, 1, ..., 1)
-    weighted = taus * w  # (N, *shape)
-    elected = torch.sign(weighted.sum(0))  # (*shape), in {-1, 0, 1}
-    agree = (torch.sign(taus) == elected) & (taus != 0)  # (N, *shape); zeros never count
-    num = (weighted * agree).sum(0)
-    den = (w * agree).sum(0)
-    return torch.where(den > 0, num / den.where(den > 0, torch.ones_like(den)), torch.zeros_like(num))
-
-
-def ties_merge(
-    base: Mapping[str, Tensor],
-    state_dicts: Sequence[Mapping[str, Tensor]],
-    density: float = 0.2,
-    weights: Sequence[float] | None = None,
-    lambda_: float = 1.0,
-) -> dict[str, Tensor]:
-    """TIES-Merging (Yadav et al. 2023) of fine-tuned state dicts that share ``base``.
-
-    Per floating tensor: task vectors ``tau_i = theta_i - base``; *trim* each to its top-``density`` fraction by
-    magnitude (per tensor, per model); *elect* the sign ``sign(sum_i w_i * tau_i)`` per entry; *disjoint mean*
-    ``sum_i w_i tau_i / sum_i w_i`` over the models whose trimmed ``tau_i`` is non-zero and has the elected sign.
-    Result ``base + lambda_ * merged``, in the dtype of ``base``. Non-float tensors are copied from ``base``.
-    With the default uniform weights this is the paper's plain disjoint mean.
-
-    Args:
-        base: state dict of the model the sources were fine-tuned from.
-        state_dicts: two or more fine-tuned state dicts with the same keys and shapes as ``base``.
-        density: fraction of each task vector kept, in (0, 1]; ``k = max(1, round(density * numel))``.
-        weights: one non-negative weight per state dict (normalised). Default: uniform.
-        lambda_: scale of the merged task vector.
+        ``Path(out_dir)``.
 
     Raises:
-        ValueError: fewer than 2 state dicts, bad ``weights``/``density``, or keys/shapes that differ.
+        ImportError: mergekit is not installed.
+        ValueError: bad arguments, or models whose architecture, parameter names or shapes differ.
+        FileNotFoundError: a model folder does not exist.
+        FileExistsError: ``out_dir`` exists and is not empty.
     """
-    _raise_if(_arg_problems(len(state_dicts), weights, density))
-    for i, sd in enumerate(state_dicts):
-        _check_same_keys(base, sd, "base", f"state_dicts[{i}]")
-    w = torch.tensor(_normalised(weights, len(state_dicts)))
+    specs = merge_methods()
+    parameters = dict(parameters or {})
+    paths = [str(p) for p in model_paths]
+    spec = specs.get(method)
+    _raise_if(_arg_problems(spec, method, list(specs), len(paths), base_path, weights, density, lambda_, parameters,
+                            dtype, compute_dtype))
 
-    merged = {}
-    for key, b in base.items():
-        if not b.is_floating_point():
-            merged[key] = b.clone()
-            continue
-        b_c = b.to(_compute_dtype(b.dtype))
-        taus = torch.stack(
-            [_trim(sd[key].to(device=b_c.device, dtype=b_c.dtype) - b_c, density) for sd in state_dicts]
+    all_paths = paths + ([str(base_path)] if base_path is not None else [])
+    missing = [p for p in all_paths if not Path(p).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"Model folder(s) not found: {', '.join(f'`{p}`' for p in missing)}. Pass local folders holding "
+            "`config.json` and the weights (download hub models first, e.g. with `hf download`)."
         )
-        merged[key] = (b_c + lambda_ * _disjoint_merge(taus, w)).to(b.dtype)
-    return merged
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"`out_dir` `{out}` already exists and is not empty. Choose another or delete it.")
+    _check_same_architecture(all_paths if base_path is None else [str(base_path), *paths], trust_remote_code)
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    known = {p.name for p in spec.parameters}
+    per_model: dict[str, Any] = {}
+    if "weight" in known:
+        per_model["weight"] = 1.0
+    if density is not None:
+        per_model["density"] = density
+    models = []
+    for i, path in enumerate(paths):
+        model_params = dict(per_model)
+        if weights is not None:
+            model_params["weight"] = float(weights[i])
+        models.append({"model": path, "parameters": model_params} if model_params else {"model": path})
+    config: dict[str, Any] = {"merge_method": method, "models": models, "dtype": compute_dtype, "out_dtype": dtype}
+    if base_path is not None:
+        config["base_model"] = str(base_path)
+    shared = dict(parameters)
+    if lambda_ is not None:
+        shared["lambda"] = lambda_
+    if shared:
+        config["parameters"] = shared
+    merge_config = MergeConfiguration.model_validate(config)
+    options = MergeOptions(trust_remote_code=trust_remote_code, random_seed=seed, quiet=True, copy_tokenizer=False)
+    tokenizer = _load_tokenizer(paths[0], trust_remote_code)  # fail fast, before the merge
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        log.info("Merging %d models with mergekit's %s.", len(paths), method)
+        run_merge(merge_config, str(tmp), options)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        record = {"method": method, "model_paths": paths, "base_path": base_path, "weights": list(weights) if weights
+                  else None, "density": density, "lambda_": lambda_, "parameters": parameters, "dtype": dtype,
+                  "compute_dtype": compute_dtype, "seed": seed, "mergekit": _mergekit_version()}
+        (tmp / "merge_config.json").write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("Saved merged model to `%s`.", out)
+    return out
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Folders in, folder out
-# --------------------------------------------------------------------------------------------------------------
 def _load_tokenizer(path: str, trust_remote_code: bool):
     if not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
         log.info("No tokenizer files in `%s`; the merged folder will have no tokenizer.", path)
@@ -226,111 +270,12 @@ def _load_tokenizer(path: str, trust_remote_code: bool):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def merge_models(
-    model_paths: Sequence[str],
-    out_dir: str,
-    method: Literal["linear", "ties"] = "linear",
-    base_path: str | None = None,
-    weights: Sequence[float] | None = None,
-    density: float = 0.2,
-    lambda_: float = 1.0,
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-) -> Path:
-    """Merge same-architecture Hugging Face causal LMs and save the result as a Hugging Face folder.
+def _mergekit_version() -> str:
+    from importlib.metadata import version
 
-    Every model is loaded with ``AutoModelForCausalLM.from_pretrained`` in ``dtype``; tensors are merged in at
-    least float32 and stored back in ``dtype``. The result (safetensors), the tokenizer of the first model (if
-    it has one) and ``merge_config.json`` are written to a temp folder beside ``out_dir`` and then renamed to it
-    so ``out_dir`` never holds a half-written model.
+    return version("mergekit")
 
-    Args:
-        model_paths: local folders of two or more models with the same architecture and parameter shapes.
-        out_dir: folder to create; must not exist or be empty.
-        method: ``linear`` (weighted average) or ``ties`` (TIES-Merging, needs ``base_path``).
-        base_path: folder of the model the sources were fine-tuned from (``ties`` only).
-        weights: one non-negative weight per model, normalised. Default: uniform.
-        density: ``ties``: fraction of each task vector kept per tensor, in (0, 1].
-        lambda_: ``ties``: scale of the merged task vector.
-        dtype: dtype to load and save in: float32, bfloat16 or float16.
-        trust_remote_code: passed to ``from_pretrained`` for models and tokenizer.
 
-    Returns:
-        ``Path(out_dir)``.
-
-    Raises:
-        ValueError: bad arguments, or models whose architecture, parameter names or shapes differ.
-        FileNotFoundError: a model folder does not exist.
-        FileExistsError: ``out_dir`` exists and is not empty.
-    """
-    problems = _arg_problems(len(model_paths), weights, density)
-    if method not in ("linear", "ties"):
-        problems.append(f"`method` can be linear, ties, got {method!r}.")
-    if method == "ties" and base_path is None:
-        problems.append(
-            "`method='ties'` needs `base_path`: the model the sources were fine-tuned from "
-            "(task vectors are source - base). Pass `base_path` or use `method='linear'`."
-        )
-    if dtype not in _DTYPES:
-        problems.append(f"`dtype` can be {', '.join(_DTYPES)}, got {dtype!r}.")
-    _raise_if(problems)
-
-    paths = [str(p) for p in model_paths]
-    all_paths = paths + ([str(base_path)] if method == "ties" else [])
-    missing = [p for p in all_paths if not Path(p).is_dir()]
-    if missing:
-        raise FileNotFoundError(
-            f"Model folder(s) not found: {', '.join(f'`{p}`' for p in missing)}. Pass local folders holding "
-            "`config.json` and the weights (download hub models first, e.g. with `hf download`)."
-        )
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(
-            f"`out_dir` `{out_dir}` already exists and is not empty. Choose another or delete it."
-        )
-
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = _DTYPES[dtype]
-    tokenizer = _load_tokenizer(paths[0], trust_remote_code)  # fail fast, before the heavy loads
-
-    def load(path: str):
-        log.info("Loading `%s` (%s).", path, dtype)
-        return AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
-
-    target = load(paths[0])  # receives the merged weights; its config is saved
-
-    def load_checked(path: str, ref_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        model = load(path)
-        if type(model) is not type(target):
-            raise ValueError(
-                f"Cannot merge `{path}` with `{paths[0]}`: `{path}` is a {type(model).__name__} but `{paths[0]}` "
-                f"is a {type(target).__name__}. {_SAME_ARCH_HINT}"
-            )
-        sd = model.state_dict()
-        _check_same_keys(ref_sd, sd, paths[0], path)
-        return sd
-
-    state_dicts = [target.state_dict()]
-    state_dicts += [load_checked(p, state_dicts[0]) for p in paths[1:]]
-    if method == "linear":
-        merged = linear_merge(state_dicts, weights)
-    else:
-        base_sd = load_checked(str(base_path), state_dicts[0])
-        merged = ties_merge(base_sd, state_dicts, density=density, weights=weights, lambda_=lambda_)
-        del base_sd
-    del state_dicts
-    target.load_state_dict(merged, strict=True)
-    del merged
-    log.info("Merged %d models with %s.", len(paths), method)
-
-    merge_config = {"method": method, "model_paths": paths, "weights": list(weights) if weights else None}
-    if method == "ties":
-        merge_config |= {"base_path": str(base_path), "density": density, "lambda_": lambda_}
-    merge_config["dtype"] = dtype
-
-    write_model_folder(out_dir, target, tokenizer, {"merge_config.json": merge_config})
-    log.info("Saved merged model to `%s`.", out_dir)
-    return out_dir
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("\n".join(problems))

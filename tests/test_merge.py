@@ -1,8 +1,20 @@
+"""`lightning-fuse merge` drives mergekit (the `peers` extra); without it, one line names the install command."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
 
-from lightning_fuse.merge import linear_merge, merge_models, ties_merge
+from lightning_fuse.merge import MERGEKIT_MISSING, merge_models
+
+
+def _mergekit():
+    return pytest.importorskip("mergekit", reason='mergekit is not installed (pip install -e ".[peers]")')
 
 
 def _tiny_llama(seed: int, hidden_size: int = 16) -> transformers.LlamaForCausalLM:
@@ -33,152 +45,180 @@ def _tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
-def _sd(model):
+def _sd(path) -> dict[str, torch.Tensor]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-# ---------------------------------------------------------------- linear_merge
-
-
-def test_linear_merge_of_identical_models_is_that_model():
-    sd = _sd(_tiny_llama(0))
-    merged = linear_merge([sd, sd, sd])
-    assert merged.keys() == sd.keys()
-    for key in sd:
-        torch.testing.assert_close(merged[key], sd[key])
-
-
-def test_linear_merge_weights_match_hand_computation():
-    a, b = _sd(_tiny_llama(0)), _sd(_tiny_llama(1))
-    merged = linear_merge([a, b], weights=[3.0, 1.0])  # normalised to 0.75, 0.25
-    key = "model.layers.0.self_attn.q_proj.weight"
-    torch.testing.assert_close(merged[key], 0.75 * a[key] + 0.25 * b[key])
-    assert not torch.equal(merged[key], a[key])
-
-
-def test_linear_merge_keeps_dtype_and_copies_int_buffers():
-    a = {"w": torch.tensor([1.0, 2.0], dtype=torch.bfloat16), "step": torch.tensor([7])}
-    b = {"w": torch.tensor([3.0, 4.0], dtype=torch.bfloat16), "step": torch.tensor([9])}
-    merged = linear_merge([a, b])
-    assert merged["w"].dtype == torch.bfloat16
-    torch.testing.assert_close(merged["w"], torch.tensor([2.0, 3.0], dtype=torch.bfloat16))
-    assert torch.equal(merged["step"], torch.tensor([7]))
-
-
-# ---------------------------------------------------------------- ties_merge
-
-
-def test_ties_merge_matches_hand_computation():
-    base = {"w": torch.zeros(5), "n": torch.tensor([3, 4])}
-    # density 0.4 of 5 entries -> keep top-2 by magnitude per model.
-    m1 = {"w": torch.tensor([3.0, -1.0, 0.5, 2.0, 0.1]), "n": torch.tensor([0, 0])}  # keeps idx 0 (3), 3 (2)
-    m2 = {"w": torch.tensor([-4.0, 0.2, 0.3, 5.0, 0.0]), "n": torch.tensor([1, 1])}  # keeps idx 0 (-4), 3 (5)
-    m3 = {"w": torch.tensor([2.0, -3.0, 0.1, 0.0, 0.0]), "n": torch.tensor([2, 2])}  # keeps idx 0 (2), 1 (-3)
-    # trimmed:   m1 [3, 0, 0, 2, 0]   m2 [-4, 0, 0, 5, 0]   m3 [2, -3, 0, 0, 0]
-    # sums:         [1, -3, 0, 7, 0] -> elected signs [+, -, 0, +, 0]
-    # disjoint mean: idx0 mean(3, 2) = 2.5; idx1 -3; idx2 0; idx3 mean(2, 5) = 3.5; idx4 0
-    merged = ties_merge(base, [m1, m2, m3], density=0.4)
-    torch.testing.assert_close(merged["w"], torch.tensor([2.5, -3.0, 0.0, 3.5, 0.0]))
-    assert torch.equal(merged["n"], base["n"])  # non-float copied from base
-
-    # lambda_ scales the merged task vector on top of a non-zero base.
-    base2 = {"w": torch.ones(5), "n": base["n"]}
-    shifted = [{"w": m["w"] + 1, "n": m["n"]} for m in (m1, m2, m3)]
-    merged2 = ties_merge(base2, shifted, density=0.4, lambda_=0.5)
-    torch.testing.assert_close(merged2["w"], 1 + 0.5 * torch.tensor([2.5, -3.0, 0.0, 3.5, 0.0]))
-
-
-def test_ties_merge_weights_enter_election_and_mean():
-    base = {"w": torch.zeros(2)}
-    m1 = {"w": torch.tensor([1.0, 2.0])}
-    m2 = {"w": torch.tensor([-3.0, 4.0])}
-    # weights 0.8, 0.2: idx0 0.8 - 0.6 > 0 -> +, only m1 agrees -> 1; idx1 (0.8*2 + 0.2*4) / 1 = 2.4
-    merged = ties_merge(base, [m1, m2], density=1.0, weights=[4, 1])
-    torch.testing.assert_close(merged["w"], torch.tensor([1.0, 2.4]))
-
-
-def test_ties_merge_full_density_same_sign_is_base_plus_mean_task_vector():
-    base = _sd(_tiny_llama(0))
-    sources = []
-    for seed in (1, 2, 3):
-        g = torch.Generator().manual_seed(seed)
-        sources.append({k: v + torch.rand(v.shape, generator=g) + 0.01 for k, v in base.items()})  # tau > 0
-    merged = ties_merge(base, sources, density=1.0)
-    for key in base:
-        mean_tau = sum(s[key] - base[key] for s in sources) / 3
-        torch.testing.assert_close(merged[key], base[key] + mean_tau)
-
-
-# ---------------------------------------------------------------- argument checks
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"weights": [1.0]}, r"`weights` must have one value per model \(2\), got 1"),
-        ({"weights": [1.0, -1.0]}, "`weights` must be finite and non-negative"),
-        ({"weights": [0.0, 0.0]}, "`weights` must not all be zero"),
-        ({"density": 0.0}, r"`density` must be in \(0, 1\], got 0.0"),
-        ({"density": 1.5}, r"`density` must be in \(0, 1\], got 1.5"),
-    ],
-)
-def test_ties_merge_bad_args(kwargs, match):
-    sd = {"w": torch.zeros(3)}
-    with pytest.raises(ValueError, match=match):
-        ties_merge(sd, [sd, sd], **kwargs)
-
-
-def test_merges_need_two_models_and_same_shapes():
-    sd = {"w": torch.zeros(3)}
-    with pytest.raises(ValueError, match="at least 2 models, got 1"):
-        linear_merge([sd])
-    with pytest.raises(ValueError, match=r"key `w` has shape \(4,\) in `state_dicts\[1\]` but \(3,\)"):
-        linear_merge([sd, {"w": torch.zeros(4)}])
-    with pytest.raises(ValueError, match="key `w` is in `base` but missing from `state_dicts\\[0\\]`"):
-        ties_merge(sd, [{"v": torch.zeros(3)}, sd])
-    with pytest.raises(ValueError, match="has 1 key\\(s\\) that `state_dicts\\[0\\]` lacks, first `v`"):
-        linear_merge([sd, {"w": torch.zeros(3), "v": torch.zeros(1)}])
-
-
-# ---------------------------------------------------------------- merge_models
-
-
-@pytest.mark.parametrize("method", ["linear", "ties"])
-def test_merge_models_writes_loadable_folder(tmp_path, method):
-    models = [_tiny_llama(seed) for seed in (1, 2)]
-    paths = [_save(m, tmp_path / f"src{i}") for i, m in enumerate(models)]
-    _tiny_tokenizer().save_pretrained(paths[0])
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A base model and two 'fine-tunes' of it (base + a random task vector), saved as HF folders."""
+    root = tmp_path_factory.mktemp("merge_models")
     base = _tiny_llama(0)
-    base_path = _save(base, tmp_path / "base")
+    paths = {"base": _save(base, root / "base")}
+    for seed in (1, 2):
+        model = _tiny_llama(0)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        paths[f"ft{seed}"] = _save(model, root / f"ft{seed}")
+    _tiny_tokenizer().save_pretrained(paths["ft1"])
+    return paths
 
-    out = merge_models(paths, tmp_path / "out" / "merged", method=method, base_path=base_path, weights=[2, 1])
 
-    assert out == tmp_path / "out" / "merged"
-    assert (out / "model.safetensors").is_file()
-    assert (out / "merge_config.json").is_file()
-    assert not list(out.parent.glob("*.tmp-*"))
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
-    if method == "linear":
-        expected = linear_merge([_sd(m) for m in models], weights=[2, 1])
-    else:
-        expected = ties_merge(_sd(base), [_sd(m) for m in models], weights=[2, 1])
-    got = loaded.state_dict()
-    assert got.keys() == expected.keys()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+def _ties_reference(base, sources, weights, density):
+    """TIES (Yadav et al. 2023) in float64 with mergekit's conventions: per tensor and model keep the
+    ``max(1, int(density * n))`` largest |tau|; elected sign = sign of sum_i w_i tau_i, +1 where it is 0; weighted
+    mean of the kept entries that agree with it."""
+    out = {}
+    for key, b in base.items():
+        b64 = b.double()
+        taus = []
+        for sd in sources:
+            tau = (sd[key].double() - b64).flatten()
+            k = max(1, int(density * tau.numel()))
+            kept = torch.zeros_like(tau)
+            idx = tau.abs().argsort(descending=True)[:k]
+            kept[idx] = tau[idx]
+            taus.append(kept.view_as(b64))
+        taus = torch.stack(taus)
+        w = torch.tensor(weights, dtype=torch.float64).view(-1, *([1] * b.dim()))
+        elected = torch.where((w * taus).sum(0) >= 0, 1.0, -1.0)
+        agree = (torch.sign(taus) == elected).double()
+        den = (w * agree).sum(0)
+        merged = (w * taus * agree).sum(0) / torch.where(den == 0, torch.ones_like(den), den)
+        out[key] = b64 + merged
+    return out
+
+
+# ---------------------------------------------------------------- without mergekit
+
+
+def test_merge_without_mergekit_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "mergekit", None)  # import mergekit -> ImportError
+    monkeypatch.setitem(sys.modules, "mergekit.merge_methods", None)
+    with pytest.raises(ImportError) as err:
+        merge_models(["a", "b"], tmp_path / "out")
+    assert str(err.value) == MERGEKIT_MISSING
+    assert 'pip install -e ".[peers]"' in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- results
+
+
+def test_linear_merge_matches_hand_computation(folders, tmp_path):
+    _mergekit()
+    out = merge_models([folders["ft1"], folders["ft2"]], tmp_path / "lin", weights=[3.0, 1.0])
+    got, a, b = _sd(out), _sd(folders["ft1"]), _sd(folders["ft2"])
+    assert got.keys() == a.keys()
+    for key in a:  # normalised weights 0.75, 0.25
+        torch.testing.assert_close(got[key], 0.75 * a[key] + 0.25 * b[key], rtol=0, atol=1e-7)
+    assert (out / "model.safetensors").is_file() and (out / "mergekit_config.yml").is_file()
+    record = json.loads((out / "merge_config.json").read_text())
+    assert record["method"] == "linear" and record["weights"] == [3.0, 1.0] and record["mergekit"]
+    assert not list(out.parent.glob(".lin.tmp-*"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # the first model's
     assert tokenizer("hello world")["input_ids"] == [1, 2]
 
 
-def test_merge_models_bfloat16_and_no_tokenizer(tmp_path):
-    paths = [_save(_tiny_llama(seed), tmp_path / f"src{seed}") for seed in (1, 2)]
-    out = merge_models(paths, tmp_path / "merged", dtype="bfloat16")
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
-    assert loaded.dtype == torch.bfloat16
-    assert not (out / "tokenizer_config.json").exists()
+def test_ties_matches_float64_reference_with_mergekit_conventions(folders, tmp_path):
+    _mergekit()
+    # density 0.3: int(0.3 * n) and round(0.3 * n) differ for many of these tensors (n = 16, 64, 512, 1024)
+    out = merge_models([folders["ft1"], folders["ft2"]], tmp_path / "ties", method="ties", base_path=folders["base"],
+                       weights=[2.0, 1.0], density=0.3)
+    got = _sd(out)
+    ref = _ties_reference(_sd(folders["base"]), [_sd(folders["ft1"]), _sd(folders["ft2"])], [2.0, 1.0], 0.3)
+    for key in ref:
+        torch.testing.assert_close(got[key].double(), ref[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "yaml_params"),
+    [
+        ("linear", {"weights": [2.0, 1.0]}, [{"weight": 2.0}, {"weight": 1.0}]),
+        ("ties", {"weights": [2.0, 1.0], "density": 0.3}, [{"weight": 2.0, "density": 0.3}, {"weight": 1.0, "density": 0.3}]),
+        ("dare_ties", {"density": 0.5}, [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}]),
+    ],
+)
+def test_merge_cli_equals_mergekit_yaml_subprocess(folders, tmp_path, method, kwargs, yaml_params):
+    """`lightning-fuse merge` (subprocess) and mergekit's own `mergekit-yaml` (subprocess) give the same tensors."""
+    _mergekit()
+    mergekit_yaml = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
+    base = None if method == "linear" else folders["base"]
+    config = {"merge_method": method, "dtype": "float32",
+              "models": [{"model": folders[f"ft{i}"], "parameters": p} for i, p in zip((1, 2), yaml_params)]}
+    if base:
+        config["base_model"] = base
+    (tmp_path / "config.yml").write_text(json.dumps(config))  # JSON is YAML
+    subprocess.run([mergekit_yaml, str(tmp_path / "config.yml"), str(tmp_path / "mk"), "--random-seed", "0",
+                    "--quiet", "--no-copy-tokenizer"], check=True, capture_output=True)
+    argv = [sys.executable, "-m", "lightning_fuse", "merge", "--model_paths", json.dumps([folders["ft1"], folders["ft2"]]),
+            "--out_dir", str(tmp_path / "lf"), "--method", method, "--seed", "0"]
+    if base:
+        argv += ["--base_path", base]
+    if "weights" in kwargs:
+        argv += ["--weights", json.dumps(kwargs["weights"])]
+    if "density" in kwargs:
+        argv += ["--density", str(kwargs["density"])]
+    subprocess.run(argv, check=True, capture_output=True)
+    ours, theirs = _sd(tmp_path / "lf"), _sd(tmp_path / "mk")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_merge_bfloat16_output_computed_in_float32(folders, tmp_path):
+    _mergekit()
+    out = merge_models([folders["ft2"], folders["ft1"]], tmp_path / "bf16", dtype="bfloat16")
+    got, a, b = _sd(out), _sd(folders["ft1"]), _sd(folders["ft2"])
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert got[key].dtype == torch.bfloat16
+    assert torch.equal(got[key], (0.5 * a[key] + 0.5 * b[key]).to(torch.bfloat16))
+    assert not (out / "tokenizer_config.json").exists()  # the first model (ft2) has no tokenizer
+
+
+def test_slerp_takes_method_parameters(folders, tmp_path):
+    _mergekit()
+    out = merge_models([folders["ft1"]], tmp_path / "slerp", method="slerp", base_path=folders["base"],
+                       parameters={"t": 0.0})
+    got, base = _sd(out), _sd(folders["base"])
+    for key in base:  # t = 0 is the base model
+        torch.testing.assert_close(got[key], base[key], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- argument and model checks
+
+
+def test_merge_models_bad_args(folders, tmp_path):
+    _mergekit()
+    a, b = folders["ft1"], folders["ft2"]
+    with pytest.raises(ValueError, match="`method='ties'` needs `base_path`"):
+        merge_models([a, b], tmp_path / "out", method="ties")
+    with pytest.raises(ValueError, match=r"`method` can be .*linear.*ties.*\(mergekit's methods\), got 'nope'"):
+        merge_models([a, b], tmp_path / "out", method="nope")
+    with pytest.raises(ValueError, match="`dtype` can be float32, bfloat16, float16, got 'int8'"):
+        merge_models([a, b], tmp_path / "out", dtype="int8")
+    with pytest.raises(ValueError, match=r"at least 2 models \(base included\), got 1"):
+        merge_models([a], tmp_path / "out")
+    with pytest.raises(ValueError, match=r"(?s)weights.*per model.*density"):  # all problems at once
+        merge_models([a, b], tmp_path / "out", method="ties", base_path=folders["base"], weights=[1.0], density=2.0)
+    with pytest.raises(ValueError, match="`density` is not a parameter of 'linear'; it takes: weight, normalize"):
+        merge_models([a, b], tmp_path / "out", density=0.5)
+    with pytest.raises(ValueError, match=r"`parameters` \['tt'\] are not parameters of 'slerp'; it takes: t"):
+        merge_models([a], tmp_path / "out", method="slerp", base_path=folders["base"], parameters={"tt": 0.5})
+    with pytest.raises(FileNotFoundError, match="not found: `.*nope`"):
+        merge_models([a, str(tmp_path / "nope")], tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="not found: `.*no_base`"):
+        merge_models([a, b], tmp_path / "out", method="ties", base_path=str(tmp_path / "no_base"))
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+        merge_models([a, b], a)
+    assert not (tmp_path / "out").exists()
 
 
 def test_merge_models_different_architecture_names_key(tmp_path):
+    _mergekit()
     a = _save(_tiny_llama(1), tmp_path / "a")
     b = _save(_tiny_llama(2, hidden_size=32), tmp_path / "b")
     match = r"key `model\.embed_tokens\.weight` has shape \(64, 32\) in `.*b` but \(64, 16\) in `.*a`"
@@ -187,25 +227,4 @@ def test_merge_models_different_architecture_names_key(tmp_path):
     assert "same architecture" in str(err.value)
     assert "lightning-fuse fit" in str(err.value)
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob("out.tmp-*"))
-
-
-def test_merge_models_bad_args(tmp_path):
-    a = _save(_tiny_llama(1), tmp_path / "a")
-    b = _save(_tiny_llama(2), tmp_path / "b")
-    with pytest.raises(ValueError, match="`method='ties'` needs `base_path`"):
-        merge_models([a, b], tmp_path / "out", method="ties")
-    with pytest.raises(ValueError, match="`method` can be linear, ties, got 'dare'"):
-        merge_models([a, b], tmp_path / "out", method="dare")
-    with pytest.raises(ValueError, match="`dtype` can be float32, bfloat16, float16, got 'int8'"):
-        merge_models([a, b], tmp_path / "out", dtype="int8")
-    with pytest.raises(ValueError, match="at least 2 models, got 1"):
-        merge_models([a], tmp_path / "out")
-    with pytest.raises(ValueError, match=r"(?s)weights.*per model.*density"):  # all problems at once
-        merge_models([a, b], tmp_path / "out", weights=[1.0], density=2.0)
-    with pytest.raises(FileNotFoundError, match="not found: `.*nope`"):
-        merge_models([a, str(tmp_path / "nope")], tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match="not found: `.*no_base`"):
-        merge_models([a, b], tmp_path / "out", method="ties", base_path=str(tmp_path / "no_base"))
-    with pytest.raises(FileExistsError, match="already exists and is not empty"):
-        merge_models([a, b], a)
+    assert not list(tmp_path.glob(".out.tmp-*"))

@@ -23,7 +23,15 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from lightning_fuse.cache import FORMAT, MANIFEST, CacheError, CacheMismatchError, CacheWriter, SourceWriter
+from lightning_fuse.cache import (
+    FORMAT,
+    MANIFEST,
+    CacheCorruptError,
+    CacheError,
+    CacheMismatchError,
+    CacheWriter,
+    SourceWriter,
+)
 from lightning_fuse.data import BlockDataset, TextDataModule
 from lightning_fuse.errors import condense_usage_error
 from lightning_fuse.module import FusionModule
@@ -199,6 +207,11 @@ def _open_cache(root: Path, ds: BlockDataset, k: int, vocab: int, shard_size: in
     kwargs = {"seq_len": int(ds.blocks.shape[1]), "top_k": int(k), "vocab_size": int(vocab), "shard_size": shard_size}
     try:
         return CacheWriter(root, **kwargs)
+    except CacheCorruptError as err:  # garbage or foreign manifest.json: keep it aside, rebuild the cache
+        broken = root / f"{MANIFEST}.broken-{uuid.uuid4().hex[:8]}"
+        (root / MANIFEST).replace(broken)
+        log.warning("%s: moved the unreadable manifest to %s and rebuilding the cache (%s)", root, broken.name, err)
+        return CacheWriter(root, **kwargs)
     except CacheMismatchError as err:
         if not overwrite:
             raise CacheMismatchError(f"{err}; or pass `--overwrite true` to rebuild it") from err
@@ -215,13 +228,9 @@ def _is_cache(root: Path) -> bool:
         return False
 
 
-def _complete(root: Path, name: str) -> bool:
-    """Whether the manifest marks source ``name`` finished."""
-    entry = json.loads((Path(root) / MANIFEST).read_text())["sources"].get(name, {})
-    return bool(entry.get("complete"))
-
-
 def _open_source(writer: CacheWriter, name: str, expect: dict[str, Any], overwrite: bool) -> SourceWriter:
+    """The source's writer with its damaged shards (missing, truncated, failing their checksum) unrecorded, so
+    that only they are recomputed."""
     ident = {key: expect[key] for key in ("model_id", "tokenizer_id", "data_id")}
     n = expect["num_sequences"]
     if overwrite:  # drop whatever is cached for this source (a placeholder identity unrecords its shards)
@@ -231,10 +240,10 @@ def _open_source(writer: CacheWriter, name: str, expect: dict[str, Any], overwri
                           overwrite=overwrite)
     except CacheMismatchError as err:
         raise CacheMismatchError(f"{err}: e.g. `lightning-fuse precompute ... --overwrite true`") from err
-    pending = w.pending_shards()
-    if pending and _complete(writer.root, name):  # finished once, then a shard file went missing or was truncated: rebuild
-        log.warning("cache of source %r in %s lost shards %s: recomputing it", name, writer.root, pending[:5])
-        return _open_source(writer, name, expect, overwrite=True)
+    damaged = w.drop_damaged()
+    if damaged:
+        log.warning("cache of source %r in %s: shard(s) %s missing, truncated or failing their checksum: "
+                    "recomputing them", name, writer.root, damaged[:10])
     return w
 
 

@@ -103,7 +103,7 @@ def error_line(err: BaseException) -> str:
         if isinstance(e, RuntimeError) and "inline_container.cc" in str(e) and "write" in str(e).lower():
             return (f"writing a file failed ({_first_lines(str(e), 1)}): usually a full disk. "
                     f"{_OS_FIXES[errno.ENOSPC][1]}.")
-    for e in reversed(errors):  # the innermost error of the library names the problem and the fix
+    for e in errors:  # the outermost error the library raised names the problem and the fix
         if _from_library(e) and str(e).strip():
             return _first_lines(_union_problems(str(e)) or str(e))
     for e in errors:

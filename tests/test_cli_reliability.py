@@ -225,3 +225,141 @@ def test_a_temporary_file_being_written_is_kept(tmp_path):
         holder.kill()
         holder.wait()
     del fcntl
+
+
+# ----------------------------------------------------------------------------------------------- offline caches
+def _cache_config(world: dict[str, str], path: Path, cache_dir: Path, sources: dict[str, str]) -> str:
+    """A fit config (on top of demo.yaml) that trains offline from ``cache_dir``."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "model": {"class_path": "lightning_fuse.FusionModule", "init_args": {
+            "target": world["target"], "sources": [{"name": n, "path": p} for n, p in sources.items()],
+            "strategy": "avg_ce", "offline": True, "warmup_steps": 0}},
+        "data": {"class_path": "lightning_fuse.offline.CachedTextDataModule", "init_args": {
+            "data_dir": world["corpus"], "cache_dir": str(cache_dir), "block_size": 32, "batch_size": 8,
+            "max_blocks_per_domain": 24, "max_val_blocks_per_domain": 8}},
+    }))
+    return str(path)
+
+
+def _offline_fit(config: str, root: Path) -> subprocess.CompletedProcess:
+    return run_cli("fit", "--config", DEMO_YAML, "--config", config, "--trainer.max_steps", "2",
+                   "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                   "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root / "tb"),
+                   "--trainer.enable_progress_bar", "false")
+
+
+def _precompute(config: str, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("precompute", "--config", config, "--shard_size", "8", "--num_threads", "1", *extra)
+
+
+@pytest.fixture(scope="module")
+def big_source(tiny_world, tmp_path_factory) -> Path:
+    """A 10.8 MB source (4 layers of width 256): its weight file is far larger than the 2 MiB the old sampled
+    fingerprint read."""
+    from tiny import tiny_llama
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("big_source")
+    tok = AutoTokenizer.from_pretrained(tiny_world["tokenizer"])
+    model = tiny_llama(len(tok), hidden=256, layers=4, seed=3)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    assert (out / "model.safetensors").stat().st_size > 10_000_000
+    return out
+
+
+def test_a_source_changed_in_place_is_refused(tiny_world, big_source, tmp_path):
+    """One layer in the middle of the weight file edited in place: fit and precompute refuse the stale cache."""
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "big"
+    shutil.copytree(big_source, source)
+    config = _cache_config(tiny_world, tmp_path / "cfg.yaml", tmp_path / "cache", {"big": str(source)})
+    proc = _precompute(config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = source / "model.safetensors"
+    size = weights.stat().st_size
+    tensors = load_file(weights)
+    name = "model.layers.2.mlp.down_proj.weight"
+    tensors[name] = tensors[name] * 10
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+
+    fit = _offline_fit(config, tmp_path / "run")
+    assert fit.returncode == 1  # was rc 0, training on the old model's outputs
+    line = error_of(fit)
+    assert "source 'big' was built for model_id.weights" in line and "the source changed" in line, line
+    assert "--overwrite true" in line
+    again = _precompute(config)
+    assert again.returncode == 1 and "--overwrite true" in error_of(again)
+    rebuilt = _precompute(config, "--overwrite", "true")
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert _offline_fit(config, tmp_path / "run2").returncode == 0
+
+
+def test_weights_hash_is_remembered_by_path_size_and_mtime(tmp_path):
+    from lightning_fuse.weights_hash import file_sha256
+
+    store, f = tmp_path / "hashes.json", tmp_path / "model.safetensors"
+    f.write_bytes(b"a" * 1000)
+    first = file_sha256(f, store)
+    data = json.loads(store.read_text())
+    data[str(f.resolve())]["sha256"] = "remembered"
+    store.write_text(json.dumps(data))
+    assert file_sha256(f, store) == "remembered"  # not read again
+    f.write_bytes(b"b" * 1000)  # same size, new mtime
+    os.utime(f, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    assert file_sha256(f, store) not in ("remembered", first)
+
+
+@pytest.fixture(scope="module")
+def small_cache(tiny_world, tmp_path_factory):
+    """An offline cache of two sources (6 train shards of 8 blocks each per source) and its config."""
+    root = tmp_path_factory.mktemp("small_cache")
+    config = _cache_config(tiny_world, root / "cfg.yaml", root / "cache",
+                           {"words": tiny_world["words"], "sums": tiny_world["sums"]})
+    proc = _precompute(config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def _copy_cache(small_cache: Path, tmp_path: Path, tiny_world) -> tuple[str, Path]:
+    cache = tmp_path / "cache"
+    shutil.copytree(small_cache / "cache", cache)
+    config = _cache_config(tiny_world, tmp_path / "cfg.yaml", cache,
+                           {"words": tiny_world["words"], "sums": tiny_world["sums"]})
+    return config, cache
+
+
+def test_flipped_byte_is_repaired_by_precompute_which_rewrites_only_that_shard(tiny_world, small_cache, tmp_path):
+    config, cache = _copy_cache(small_cache, tmp_path, tiny_world)
+    shard = cache / "train" / "sums" / "shard-00002.logprobs.npy"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("shard-*.npy")}
+
+    fit = _offline_fit(config, tmp_path / "run")
+    assert fit.returncode == 1
+    assert "shard-00002.logprobs.npy fails its sha256 checksum" in error_of(fit)
+    fix = _precompute(config)  # the advised fix (was: "already cached, skipped", and fit failed again)
+    assert fix.returncode == 0, fix.stderr[-3000:]
+    assert "'sums'" in fix.stderr and "recomputing them" in fix.stderr and "'words' in" not in fix.stderr
+    changed = sorted(p.name for p, t in before.items() if p.stat().st_mtime_ns != t)
+    assert changed == [f"shard-00002.{s}.npy" for s in ("ce", "gold", "ids", "logprobs")], changed
+    assert _offline_fit(config, tmp_path / "run2").returncode == 0
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_garbage_manifest_is_replaced_by_precompute(tiny_world, small_cache, tmp_path, overwrite):
+    config, cache = _copy_cache(small_cache, tmp_path, tiny_world)
+    (cache / "train" / "manifest.json").write_text("{ this is not json")
+    fit = _offline_fit(config, tmp_path / "run")
+    assert fit.returncode == 1 and "manifest.json" in error_of(fit)
+    fix = _precompute(config, *(["--overwrite", "true"] if overwrite else []))
+    assert fix.returncode == 0, fix.stderr[-3000:]
+    assert list((cache / "train").glob("manifest.json.broken-*"))
+    proc = _offline_fit(config, tmp_path / "run2")
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -31,6 +31,11 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+try:  # POSIX advisory locks: tell a killed writer's temporary file from one being written
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 
@@ -60,17 +65,32 @@ def _fsync_dir(folder: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace`` onto ``path``."""
+    """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace`` onto ``path``.
+
+    The temporary file (``.<name>.<random>.tmp``) is locked (``flock``) while it is written, so that
+    :func:`remove_stale_temporaries` can tell the leftovers of a killed writer from a write in progress.
+    """
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            except Exception as err:  # name the file, e.g. a full disk (torch wraps it in "enforce fail" errors)
+                cause = next((e for e in _chain(err) if isinstance(e, OSError) and e.errno), None)
+                if cause is None:
+                    raise
+                raise OSError(cause.errno, cause.strerror, path) from err
+            if fcntl is not None:  # replace while still locked (POSIX allows renaming an open file)
+                os.replace(tmp, path)
+        if fcntl is None:
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -78,6 +98,43 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             pass
         raise
     _fsync_dir(folder)
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while err is not None and err not in out:
+        out.append(err)
+        err = err.__cause__ or err.__context__
+    return out
+
+
+def remove_stale_temporaries(folders: list[str | os.PathLike]) -> list[str]:
+    """Delete the ``.*.tmp`` files that a writer killed mid-write (SIGKILL, power loss) left in ``folders``.
+
+    A temporary file is stale when no process holds its lock (every ``atomic_torch_save`` holds it until the
+    rename), so a checkpoint being written right now by another process is left alone. Without ``fcntl``
+    (Windows) nothing is removed. Returns the removed paths.
+    """
+    if fcntl is None:
+        return []
+    removed = []
+    for folder in {Path(f) for f in folders}:
+        try:
+            candidates = [p for p in folder.glob(".*.tmp") if p.is_file()]
+        except OSError:
+            continue
+        for tmp in candidates:
+            try:
+                with open(tmp, "rb") as f:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its writer is alive
+                    tmp.unlink()
+            except OSError:
+                continue
+            removed.append(str(tmp))
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted checkpoint write: %s", len(removed),
+                 ", ".join(removed))
+    return removed
 
 
 # Callback states whose scores are legitimately +-inf (ModelCheckpoint's kth_value, EarlyStopping's best_score).
@@ -217,20 +274,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(str(path).removeprefix("file://"), map_location, weights_only)
 
 
-def find_last_checkpoint(trainer: Any) -> str | None:
-    """The newest ``last*.ckpt`` of a fit, also across logger versions (``ckpt_path="last"`` looks in one only).
+def checkpoint_folders(trainer: Any) -> list[Path]:
+    """The local folders a fit's checkpoints are in, this run's and earlier runs' (other logger versions).
 
-    A fresh process gets a new logger version (``version_<n+1>``), so Lightning's ``ckpt_path="last"`` does not see
-    the checkpoints that ``ModelCheckpoint`` without ``dirpath`` wrote under the previous version. This looks in the
-    ``ModelCheckpoint`` folders given explicitly, in ``<logger root_dir>/version_*/checkpoints`` of each logger, and
-    in ``<default_root_dir>/checkpoints`` and ``<default_root_dir>/*/version_*/checkpoints``.
+    The ``ModelCheckpoint`` folders given explicitly, ``<logger root_dir>/version_*/checkpoints`` of each logger,
+    ``<default_root_dir>/checkpoints`` and ``<default_root_dir>/*/version_*/checkpoints``; existing ones only.
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     folders: list[Path] = []
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath and _is_local(callback.dirpath):
-            folders.append(Path(callback.dirpath))
+            folders.append(Path(str(callback.dirpath).removeprefix("file://")))
     for logger in trainer.loggers:
         root = getattr(logger, "root_dir", None)
         if root and _is_local(root):
@@ -238,10 +293,53 @@ def find_last_checkpoint(trainer: Any) -> str | None:
     if trainer.default_root_dir and _is_local(trainer.default_root_dir):
         root = Path(trainer.default_root_dir)
         folders += [root / "checkpoints", *root.glob("*/version_*/checkpoints")]
-    found = {p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt") if p.is_file()}
-    if not found:
-        return None
-    return str(max(found, key=lambda p: p.stat().st_mtime))
+    unique: dict[Path, Path] = {}
+    for folder in folders:
+        if folder.is_dir():
+            unique.setdefault(folder.resolve(), folder)
+    return list(unique.values())
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a whole ``torch.save`` zip: its central directory (at the very end) reads and lists the
+    pickle. Cheap (reads the directory, not the tensors); a file cut short anywhere fails it."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("data.pkl") for name in z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def newest_checkpoint(folders: list[str | os.PathLike]) -> str | None:
+    """The newest complete ``.ckpt`` in ``folders`` (by modification time; ``last*`` first on a tie), or None.
+
+    This is what ``--ckpt_path last`` resumes from: usually ``last.ckpt``, but a complete ``step31.ckpt`` written
+    after it (the disk filled up before ``last.ckpt`` was replaced, or the process was killed while writing the
+    first ``last.ckpt``) is newer, and a damaged file is skipped.
+    """
+    found = set()
+    for folder in folders:
+        try:
+            found |= {p for p in Path(folder).glob("*.ckpt") if p.is_file()}
+        except OSError:
+            continue
+    ranked = sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("last")), reverse=True)
+    for path in ranked:
+        if is_complete_checkpoint(path):
+            return str(path)
+        log.warning("skipping %s: it is not a complete checkpoint", path)
+    return None
+
+
+def find_last_checkpoint(trainer: Any) -> str | None:
+    """The newest complete checkpoint of a fit, also across logger versions (``ckpt_path="last"`` looks in one only).
+
+    A fresh process gets a new logger version (``version_<n+1>``), so Lightning's ``ckpt_path="last"`` does not see
+    the checkpoints that ``ModelCheckpoint`` without ``dirpath`` wrote under the previous version; and it takes
+    ``last.ckpt`` even when a newer complete ``stepN.ckpt`` exists. This looks in every :func:`checkpoint_folders`
+    folder and returns :func:`newest_checkpoint`.
+    """
+    return newest_checkpoint(checkpoint_folders(trainer))
 
 
 class RNGState(Callback):

@@ -2,15 +2,55 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 from unittest import mock
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_fuse.data import TextDataModule
+from lightning_fuse.errors import condense_usage_error, error_line, verbose_requested
 from lightning_fuse.module import FusionModule
+
+log = logging.getLogger(__name__)
+
+
+class FuseArgumentParser(LightningArgumentParser):
+    """A usage error prints one usage line, not every option (``--help`` lists them)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("prog", "lightning-fuse")
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):
+        return super().error(condense_usage_error(message), ex)
+
+    def print_usage(self, file=None) -> None:
+        print(f"usage: {self.prog.replace(' [options]', '')} [options] (--help lists them)", file=file or sys.stderr)
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_noise() -> None:
+    """Drop what every run would print but no user needs: a dependency's deprecation warning, Lightning's logger
+    tip, and transformers' per-model "Loading weights" bars (each source still logs one line when it loads)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefix) for f in target.filters):
+            target.addFilter(_DropPrefix("💡 Tip"))
+    hf_logging.disable_progress_bar()
 
 
 class FuseCLI(LightningCLI):
@@ -39,12 +79,19 @@ class FuseCLI(LightningCLI):
             raise checkpoint_error(self.config[self.config.subcommand].get("ckpt_path"), err) from None
 
     def before_fit(self) -> None:
-        """``--ckpt_path last`` also finds the last checkpoint of an earlier run (each run gets a new logger version)."""
-        from lightning_fuse.checkpoint import find_last_checkpoint
+        """Remove temporary files of interrupted checkpoint writes; ``--ckpt_path last`` = the newest complete
+        checkpoint of the run, also of an earlier process (each gets a new logger version), whichever file holds it."""
+        from lightning_fuse.checkpoint import checkpoint_folders, newest_checkpoint, remove_stale_temporaries
 
+        folders = checkpoint_folders(self.trainer)
+        remove_stale_temporaries(folders)
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") == "last":
-            config["ckpt_path"] = find_last_checkpoint(self.trainer) or "last"
+            found = newest_checkpoint(folders)
+            if found is None:
+                log.info("--ckpt_path last: no checkpoint found under %s: starting from scratch",
+                         self.trainer.default_root_dir)
+            config["ckpt_path"] = found
 
 
 # Subcommands besides LightningCLI's fit/validate/test/predict: name -> "module:function". Each function's typed
@@ -72,32 +119,62 @@ def _run_command(name: str, argv: list[str]) -> None:
     import importlib
     import inspect
 
-    from jsonargparse import ArgumentParser, auto_cli
+    from jsonargparse import auto_cli
 
     module_name, func = COMMANDS[name].split(":")
     fn = getattr(importlib.import_module(module_name), func)
     if "config" not in inspect.signature(fn).parameters:
-        auto_cli(fn, args=argv, as_positional=False)
+        auto_cli(fn, args=argv, as_positional=False, parser_class=FuseArgumentParser)
         return
-    # auto_cli drops a parameter named `config` (jsonargparse reserves it for its own --config file)
-    parser = ArgumentParser(prog=f"lightning-fuse {name}", description=inspect.getdoc(fn).split("\n\n")[0])
-    parser.add_function_arguments(fn, as_group=False)
+    # auto_cli drops a parameter named `config` (jsonargparse reserves it for its own --config file): here it is
+    # the fit YAML, given once or several times (composed in order, as `lightning-fuse fit --config a --config b`)
+    parser = FuseArgumentParser(prog=f"lightning-fuse {name}", description=inspect.getdoc(fn).split("\n\n")[0])
+    parser.add_function_arguments(fn, as_group=False, skip={"config"})
+    parser.add_argument("--config", "-c", action="append", required=True, metavar="CONFIG",
+                        help="the YAML given to `lightning-fuse fit`; repeat to compose several, later ones win.")
     cfg = parser.parse_args(argv)
-    fn(**parser.instantiate(cfg))
+    kwargs = parser.instantiate(cfg)
+    kwargs = {k: v for k, v in dict(kwargs).items() if not k.startswith("__")}
+    fn(**kwargs)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``lightning-fuse``; ``argv`` defaults to the command line."""
+def main(argv: list[str] | None = None, exit_on_error: bool | None = None) -> None:
+    """Entry point of ``lightning-fuse``; ``argv`` defaults to the command line.
+
+    Errors end the command with one line ``error: <cause>. <fix>`` on stderr and exit code 1 (2 for usage errors);
+    ``--verbose`` (anywhere on the command line) or ``LIGHTNING_FUSE_VERBOSE=1`` shows the traceback instead.
+    ``exit_on_error`` defaults to True for the command line and False when called with ``argv`` (the exception
+    propagates to the caller).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in args or verbose_requested()
+    args = [a for a in args if a != "--verbose"]
+    if exit_on_error is None:
+        exit_on_error = argv is None
+    try:
+        _main(args)
+    except KeyboardInterrupt:
+        if verbose or not exit_on_error:
+            raise
+        print("error: interrupted. Resume a fit with --ckpt_path last.", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        if verbose or not exit_on_error:
+            raise
+        print(f"error: {error_line(err)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def _main(args: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quiet_noise()
     if args and args[0] in COMMANDS:
         _run_command(args[0], args[1:])
         return
-    # Called from Python with explicit args (a notebook, a test): the host's own sys.argv is not ours, and
-    # LightningCLI would warn that it sees both.
-    with contextlib.nullcontext() if argv is None else mock.patch.object(sys, "argv", sys.argv[:1]):
-        FuseCLI(FusionModule, TextDataModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
-                save_config_kwargs={"overwrite": True})
+    # LightningCLI gets the arguments explicitly (without --verbose); it would warn that it also sees sys.argv
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        FuseCLI(FusionModule, TextDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args,
+                save_config_kwargs={"overwrite": True}, parser_class=FuseArgumentParser)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ Cache layout (two independent ``lightning_fuse.cache`` roots, one per split)::
     <cache_dir>/train/manifest.json, <source>/shard-*.npy     the training blocks, in dataset order
     <cache_dir>/val/manifest.json,   <source>/shard-*.npy     the validation blocks (for ``model.offline: true``)
 
-Each source's cache records its identity: ``model_id`` (path as declared, hash of config.json, sampled hash of the
-weight files, dtype; for a source with another tokenizer also its alignment mode and the target tokenizer's
+Each source's cache records its identity: ``model_id`` (path as declared, hash of config.json, sha256 of every byte of
+the weight files, dtype; for a source with another tokenizer also its alignment mode and the target tokenizer's
 fingerprint), ``tokenizer_id`` (the source tokenizer's vocabulary fingerprint) and ``data_id`` (sha256 of
 the split's token ids: tokenizer, block size, files and block cap all enter it). Opening a cache built for another
 model, tokenizer or corpus fails with a :class:`~lightning_fuse.cache.CacheError` saying what differs.
@@ -47,12 +47,11 @@ from lightning_fuse.sources import (
     resolve_path,
     tokenizer_fingerprint,
 )
+from lightning_fuse.weights_hash import folder_weights_hash
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-_SAMPLE = 1 << 20  # bytes hashed at the head and at the tail of each weight file
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset")
 
 
@@ -84,23 +83,13 @@ def _config_hash(spec: SourceSpec) -> str:
 
 
 def _weights_hash(spec: SourceSpec) -> str | None:
-    """Sampled fingerprint of a local model folder's weight files: name, size, first and last MiB of each.
-
-    Cheap (2 MiB read per file) and catches a source retrained or replaced in place. ``None`` for hub ids.
-    """
+    """Hash of every byte of a local model folder's weight files (computed once per file version, see
+    :mod:`lightning_fuse.weights_hash`): a source retrained or edited in place no longer matches. ``None`` for hub
+    ids."""
     path = resolve_path(spec.path)
     if not os.path.isdir(path):
         return None
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(path).iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}:".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(_SAMPLE))
-            if size > 2 * _SAMPLE:
-                fh.seek(size - _SAMPLE)
-                h.update(fh.read(_SAMPLE))
-    return h.hexdigest()[:16]
+    return folder_weights_hash(path)
 
 
 def source_identity(spec: SourceSpec, target_tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:

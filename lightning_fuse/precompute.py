@@ -23,8 +23,17 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from lightning_fuse.cache import FORMAT, MANIFEST, CacheError, CacheMismatchError, CacheWriter, SourceWriter
+from lightning_fuse.cache import (
+    FORMAT,
+    MANIFEST,
+    CacheCorruptError,
+    CacheError,
+    CacheMismatchError,
+    CacheWriter,
+    SourceWriter,
+)
 from lightning_fuse.data import BlockDataset, TextDataModule
+from lightning_fuse.errors import condense_usage_error
 from lightning_fuse.module import FusionModule
 from lightning_fuse.offline import (
     CachedTextDataModule,
@@ -39,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 def precompute(
-    config: str,
+    config: str | list[str],
     cache_dir: str | None = None,
     top_k: int | None = None,
     shard_size: int = 256,
@@ -47,6 +56,7 @@ def precompute(
     val: bool = True,
     overwrite: bool = False,
     device: str | None = None,
+    num_threads: int | None = None,
 ) -> Path:
     """Run every source of a fit config once over its blocks and cache its top-k outputs for offline fusion.
 
@@ -54,7 +64,8 @@ def precompute(
     to never load the sources), e.g. ``configs/offline.yaml``. Interrupted runs resume: rerun the same command.
 
     Args:
-        config: the YAML given to ``lightning-fuse fit`` (its ``model:`` and ``data:`` sections; others ignored).
+        config: the YAML given to ``lightning-fuse fit`` (its ``model:`` and ``data:`` sections; others ignored);
+            several (``--config a.yaml --config b.yaml``) compose in order as they do for ``fit``.
         cache_dir: where to write the cache; default the config's ``data.init_args.cache_dir``, else
             ``<data_dir>/.fuse_cache``.
         top_k: ids and log-probs kept per token and source; default ``model.distill_top_k``.
@@ -64,13 +75,16 @@ def precompute(
         overwrite: recompute the declared sources from scratch (also when the cache was built for another model,
             tokenizer, corpus, block size or k, which is otherwise an error).
         device: device the sources run on (``cuda``, ``cuda:1``, ``cpu``); default CUDA when available.
+        num_threads: torch intra-op CPU threads (None: the config's ``num_threads``, else torch's default).
 
     Returns:
         The cache directory.
     """
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"`--shard_size` and `--batch_size` must be >= 1, got {shard_size} and {batch_size}.")
-    module, dm = load_fit_config(config)
+    module, dm, threads = _load_fit_config(config)
+    if num_threads or threads:
+        torch.set_num_threads(num_threads or threads)
     specs = module.source_specs
     if not specs:
         raise ValueError(f"{config} declares no sources in `model.init_args.sources`: there is nothing to precompute.")
@@ -131,27 +145,47 @@ def precompute(
 # ----------------------------------------------------------------------------------------------- config
 
 
-def load_fit_config(config: str) -> tuple[FusionModule, TextDataModule]:
-    """The FusionModule and DataModule a ``lightning-fuse fit --config`` YAML declares (no weights loaded)."""
+def load_fit_config(config: str | list[str]) -> tuple[FusionModule, TextDataModule]:
+    """The FusionModule and DataModule a ``lightning-fuse fit --config`` YAML declares (no weights loaded).
+
+    Several YAMLs compose in order, later ones overriding earlier ones, as ``fit --config a --config b`` does.
+    """
+    module, dm, _ = _load_fit_config(config)
+    return module, dm
+
+
+def _load_fit_config(config: str | list[str]) -> tuple[FusionModule, TextDataModule, int | None]:
+    from jsonargparse import ActionConfigFile
     from lightning.pytorch.cli import LightningArgumentParser
 
-    path = Path(config)
-    if not path.is_file():
-        raise FileNotFoundError(f"`--config` {config!r} is not a file. Pass the YAML you give `lightning-fuse fit`.")
-    raw = yaml.safe_load(path.read_text()) or {}
-    missing = [key for key in ("model", "data") if key not in raw]
-    if not isinstance(raw, dict) or missing:
-        raise ValueError(f"{config} has no {' / '.join(missing) or 'model / data'} section: pass a fit config.")
+    paths = [config] if isinstance(config, str) else list(config)
+    if not paths:
+        raise ValueError("`--config` is missing. Pass the YAML you give `lightning-fuse fit`.")
+    parts, threads = [], None
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise FileNotFoundError(f"`--config` {p!r} is not a file. Pass the YAML you give `lightning-fuse fit`.")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{p} is not a YAML mapping: pass a fit config.")
+        threads = raw.get("num_threads", threads)
+        # trainer, seed_everything, optimizer, ckpt_path, ...: not needed to run the sources
+        parts.append({key: raw[key] for key in ("model", "data") if key in raw})
+    missing = [key for key in ("model", "data") if not any(key in part for part in parts)]
+    if missing:
+        raise ValueError(f"{' + '.join(paths)} has no {' / '.join(missing)} section: pass a fit config.")
     parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
     parser.add_lightning_class_args(FusionModule, "model", subclass_mode=True)
     parser.add_lightning_class_args(TextDataModule, "data", subclass_mode=True)
-    try:  # trainer, seed_everything, optimizer, ckpt_path, ...: not needed to run the sources
-        cfg = parser.parse_object({"model": raw["model"], "data": raw["data"]})
+    try:
+        cfg = parser.parse_args([arg for part in parts for arg in ("--config", yaml.safe_dump(part))])
     except Exception as err:  # jsonargparse's ArgumentError: say which file
-        raise ValueError(f"{config}: {err}") from err
+        raise ValueError(f"{' + '.join(paths)}: {condense_usage_error(str(err))}") from err
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # jsonargparse < 4.49
     init = instantiate(cfg)
-    return init.model, init.data
+    return init.model, init.data, threads
 
 
 def _cache_dir(dm: TextDataModule, cache_dir: str | None) -> Path:
@@ -173,6 +207,11 @@ def _open_cache(root: Path, ds: BlockDataset, k: int, vocab: int, shard_size: in
     kwargs = {"seq_len": int(ds.blocks.shape[1]), "top_k": int(k), "vocab_size": int(vocab), "shard_size": shard_size}
     try:
         return CacheWriter(root, **kwargs)
+    except CacheCorruptError as err:  # garbage or foreign manifest.json: keep it aside, rebuild the cache
+        broken = root / f"{MANIFEST}.broken-{uuid.uuid4().hex[:8]}"
+        (root / MANIFEST).replace(broken)
+        log.warning("%s: moved the unreadable manifest to %s and rebuilding the cache (%s)", root, broken.name, err)
+        return CacheWriter(root, **kwargs)
     except CacheMismatchError as err:
         if not overwrite:
             raise CacheMismatchError(f"{err}; or pass `--overwrite true` to rebuild it") from err
@@ -189,13 +228,9 @@ def _is_cache(root: Path) -> bool:
         return False
 
 
-def _complete(root: Path, name: str) -> bool:
-    """Whether the manifest marks source ``name`` finished."""
-    entry = json.loads((Path(root) / MANIFEST).read_text())["sources"].get(name, {})
-    return bool(entry.get("complete"))
-
-
 def _open_source(writer: CacheWriter, name: str, expect: dict[str, Any], overwrite: bool) -> SourceWriter:
+    """The source's writer with its damaged shards (missing, truncated, failing their checksum) unrecorded, so
+    that only they are recomputed."""
     ident = {key: expect[key] for key in ("model_id", "tokenizer_id", "data_id")}
     n = expect["num_sequences"]
     if overwrite:  # drop whatever is cached for this source (a placeholder identity unrecords its shards)
@@ -205,10 +240,10 @@ def _open_source(writer: CacheWriter, name: str, expect: dict[str, Any], overwri
                           overwrite=overwrite)
     except CacheMismatchError as err:
         raise CacheMismatchError(f"{err}: e.g. `lightning-fuse precompute ... --overwrite true`") from err
-    pending = w.pending_shards()
-    if pending and _complete(writer.root, name):  # finished once, then a shard file went missing or was truncated: rebuild
-        log.warning("cache of source %r in %s lost shards %s: recomputing it", name, writer.root, pending[:5])
-        return _open_source(writer, name, expect, overwrite=True)
+    damaged = w.drop_damaged()
+    if damaged:
+        log.warning("cache of source %r in %s: shard(s) %s missing, truncated or failing their checksum: "
+                    "recomputing them", name, writer.root, damaged[:10])
     return w
 
 
@@ -237,7 +272,9 @@ def _run_source(
     L = ds.blocks.shape[1]
     total = sum(len(writer.shard_range(i)) for i in pending)
     start = time.perf_counter()
-    with tqdm(total=total * L, unit="tok", unit_scale=True, desc=f"{source.name} [{split}]", dynamic_ncols=True) as bar:
+    # disable=None: no bar when stderr is not a terminal (a log file would get every carriage-return update)
+    with tqdm(total=total * L, unit="tok", unit_scale=True, desc=f"{source.name} [{split}]", dynamic_ncols=True,
+              disable=None) as bar:
         for shard in pending:
             rows = writer.shard_range(shard)
             parts: dict[str, list[np.ndarray]] = {"ids": [], "logprobs": [], "gold_logprob": [], "ce": []}

@@ -195,7 +195,7 @@ def test_flipped_byte_caught_by_verify(tmp_path):
 )
 def test_identity_mismatch_refused(tmp_path, key, value):
     build(tmp_path)
-    with pytest.raises(CacheMismatchError, match=rf"built for {key} .*you declared .*lightning-fuse precompute"):
+    with pytest.raises(CacheMismatchError, match=rf"built for {key}[ .].*you declared .*lightning-fuse precompute"):
         CacheReader(tmp_path, expect=expect(**{key: value}))
     # the writer refuses to mix identities too, unless asked to rebuild
     writer = CacheWriter(tmp_path, seq_len=L, top_k=K, vocab_size=1000, shard_size=4)

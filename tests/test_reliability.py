@@ -456,7 +456,7 @@ def test_find_last_checkpoint_across_logger_versions(tiny_world, tmp_path):
 
     old = tmp_path / "tb" / "fuse" / "version_0" / "checkpoints"
     old.mkdir(parents=True)
-    (old / "last.ckpt").write_bytes(b"x")
+    torch.save({"global_step": 3}, old / "last.ckpt")
     (tmp_path / "tb" / "fuse" / "version_1").mkdir()
     trainer = pl.Trainer(logger=TensorBoardLogger(tmp_path / "tb", name="fuse"), default_root_dir=tmp_path, callbacks=[ModelCheckpoint()])
     assert trainer.logger.version == 2

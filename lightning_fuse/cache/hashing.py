@@ -1,0 +1,51 @@
+"""Checksums: of the corpus' token ids (``data_id``) and of the cache's files (written and verified)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_fuse.cache.format import CacheError, _to_numpy
+
+_HASH_CHUNK = 1 << 22
+
+
+def data_fingerprint(token_ids: torch.Tensor | np.ndarray) -> str:
+    """sha256 of a corpus' token ids ([S, L], any integer dtype): the ``data_id`` to pass to the cache."""
+    arr = _to_numpy(token_ids)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise CacheError(f"`token_ids` must be integer, got {arr.dtype}")
+    h = hashlib.sha256(json.dumps(list(arr.shape)).encode())
+    h.update(np.ascontiguousarray(arr, dtype="<i8").tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+class _HashingFile(io.RawIOBase):
+    """Write-through file wrapper that counts and hashes the bytes as ``np.lib.format`` writes them."""
+
+    def __init__(self, f: Any, algorithm: str) -> None:
+        self._f = f
+        self.hash = hashlib.new(algorithm)
+        self.nbytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.hash.update(b)
+        self.nbytes += len(memoryview(b).cast("B"))
+        return self._f.write(b)
+
+
+def _file_checksum(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

@@ -52,7 +52,7 @@ class _Tally:
 
 
 def align_report(
-    config: str | None = None,
+    config: str | list[str] | None = None,
     source: str | list[str] | None = None,
     target: str | None = None,
     text: str | None = None,

@@ -130,7 +130,8 @@ def _run_command(name: str, argv: list[str]) -> None:
     # the fit YAML, given once or several times (composed in order, as `lightning-fuse fit --config a --config b`)
     parser = FuseArgumentParser(prog=f"lightning-fuse {name}", description=inspect.getdoc(fn).split("\n\n")[0])
     parser.add_function_arguments(fn, as_group=False, skip={"config"})
-    parser.add_argument("--config", "-c", action="append", required=True, metavar="CONFIG",
+    required = inspect.signature(fn).parameters["config"].default is inspect.Parameter.empty
+    parser.add_argument("--config", "-c", action="append", required=required, metavar="CONFIG",
                         help="the YAML given to `lightning-fuse fit`; repeat to compose several, later ones win.")
     cfg = parser.parse_args(argv)
     kwargs = parser.instantiate(cfg)

@@ -121,8 +121,9 @@ def resolve(path: str) -> str:
 
 
 def materialise(path: str, work: Path, seed: int) -> tuple[str, bool]:
-    """``(folder, real_weights)``: a folder with weights; a config-only folder gets seeded random bf16 weights,
-    saved once under ``work`` (8-bit loading needs weights on disk)."""
+    """``(folder, real_weights)``: a folder with weights; a config-only folder gets seeded random weights in its
+    config's dtype (float32 for the pkg:// conversions, as their real weights), saved once under ``work``
+    (8-bit loading needs weights on disk)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(path)
@@ -130,8 +131,10 @@ def materialise(path: str, work: Path, seed: int) -> tuple[str, bool]:
         return path, True
     out = work / f"random-{folder.name}"
     if not (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists():
+        config = AutoConfig.from_pretrained(folder)
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         model.save_pretrained(out)
         AutoTokenizer.from_pretrained(folder).save_pretrained(out)
         del model

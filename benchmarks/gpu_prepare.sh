@@ -126,7 +126,8 @@ EOF
     echo "[run] benchmarks/gpu.py, ${left} s left"
     timeout "$left" "$py" benchmarks/gpu.py "${args[@]}" 2> "$out/gpu_stderr.txt" | tee "$out/gpu.md"
     echo "[run] benchmark exit code ${PIPESTATUS[0]}; total $(( SECONDS - start )) s"
-    tail -n 20 "$out/gpu_stderr.txt" >> "$out/run.log"
+    tail -n 20 "$out/gpu_stderr.txt"
+    sleep 1  # let tee flush run.log
 }
 
 case "${1:-}" in

@@ -27,9 +27,12 @@ def pytest_collection_modifyitems(config, items):
     marked = [item for item in items if item.get_closest_marker("cuda") is not None]
     if not marked:
         return
-    from device import cuda_test_device
+    from gpu_device import cuda_test_device
 
-    device, why = cuda_test_device()
+    try:
+        device, why = cuda_test_device()
+    except (RuntimeError, ValueError) as err:  # LIGHTNING_FUSE_TEST_DEVICE=cuda without a GPU, or a typo
+        raise pytest.UsageError(str(err)) from None
     if device is None:
         for item in marked:
             item.add_marker(pytest.mark.skip(reason=why))
@@ -37,8 +40,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def cuda_device():
-    """The device a ``cuda``-marked test runs on (see tests/device.py)."""
-    from device import cuda_test_device
+    """The device a ``cuda``-marked test runs on (see tests/gpu_device.py)."""
+    from gpu_device import cuda_test_device
 
     device, why = cuda_test_device()
     if device is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from device import accelerator
+from gpu_device import accelerator
 from lightning.pytorch.callbacks import Callback
 
 from lightning_fuse import FrozenSource, FusionModule, SelectionFeedback, SourceSpec, TextDataModule

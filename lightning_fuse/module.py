@@ -219,23 +219,25 @@ class FusionModule(pl.LightningModule):
         return self.device
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resume with more sources than the checkpoint was trained with: the selector grows.
+        """Resume with this module's settings (the user's config), refusing those that cannot change.
 
-        The old sources (which must come first, in the same order) keep their learned scores; each new one starts
-        neutral (the mean of the old output rows). The selector's optimizer state restarts; the target's is kept.
+        The target, its tokenizer, the strategy and the selector's shape (features, width, prior) must be the
+        checkpoint's; the checkpoint's sources must come first, in the same order (name and path). Sources may be
+        appended: the selector grows, the old sources keep their learned scores, each new one starts neutral (the
+        mean of the old output rows), and the selector's optimizer state restarts (the target's is kept). Learning
+        rates come from this module's settings (the warm-up's progress is kept); every changed setting is logged.
         """
-        old_names = [  # LightningCLI may have turned the saved dicts into Namespace(class_path, init_args)
-            (s if isinstance(s, dict) else (s.get("init_args") or s))["name"]
-            for s in checkpoint.get("hyper_parameters", {}).get("sources", [])
+        saved = checkpoint.get("hyper_parameters") or {}
+        old_specs = [  # LightningCLI may have turned the saved dicts into Namespace(class_path, init_args)
+            dict(s if isinstance(s, dict) else (s.get("init_args") or s)) for s in saved.get("sources", [])
         ]
+        old_names = [s["name"] for s in old_specs]
+        if saved:
+            self._check_resume(saved, old_specs)
+            self._resume_learning_rates(checkpoint, saved)
         state = checkpoint.get("state_dict", {})
         if "selector.mlp.2.weight" not in state or self.selector is None or old_names == self.source_names:
             return
-        if self.source_names[: len(old_names)] != old_names:
-            raise ValueError(
-                f"The checkpoint was trained with sources {old_names}; now declared: {self.source_names}. To add "
-                "sources, keep the old ones first and in the same order, and append the new ones."
-            )
         h = self.hparams
         old = Selector(len(old_names), self.target_config.hidden_size, h.selector_features, h.selector_width, 1,
                        prior=h.selector_prior)
@@ -250,6 +252,51 @@ class FusionModule(pl.LightningModule):
                     opt["state"].pop(index, None)
         log.info("selector grown from %d to %d sources (new: %s)", len(old_names), len(self.source_names),
                  self.source_names[len(old_names):])
+
+    _FIXED_ON_RESUME = ("target", "tokenizer", "strategy", "selector_features", "selector_width", "selector_prior")
+
+    def _check_resume(self, saved: dict[str, Any], old_specs: list[dict[str, Any]]) -> None:
+        """Refuse settings that cannot change on resume (naming each); log the ones that changed."""
+        h = self.hparams
+        problems = [
+            f"{key} {saved[key]!r} (now {h.get(key)!r})"
+            for key in self._FIXED_ON_RESUME
+            if key in saved and saved[key] != h.get(key)
+        ]
+        now = [(s.name, s.path) for s in self.source_specs]
+        before = [(s["name"], s["path"]) for s in old_specs]
+        if now[: len(before)] != before:
+            problems.append(f"sources {[n for n, _ in before]} (now {[n for n, _ in now]}; paths must match too)")
+        if problems:
+            raise ValueError(
+                "the checkpoint cannot resume with this config: it was trained with " + "; ".join(problems) + ". "
+                "These cannot change on resume (to add sources, keep the old ones first and in the same order, "
+                "and append the new ones): use the checkpoint's values, or start a new fit without --ckpt_path."
+            )
+        changed = {k: (saved[k], v) for k, v in h.items() if k in saved and k != "sources" and saved[k] != v}
+        if len(now) != len(before):
+            changed["sources"] = ([n for n, _ in before], [n for n, _ in now])
+        if changed:
+            log.info("resuming with settings changed since the checkpoint: %s",
+                     ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+    def _resume_learning_rates(self, checkpoint: dict[str, Any], saved: dict[str, Any]) -> None:
+        """The checkpoint's optimizer and scheduler states carry the old learning rates: rescale them to this
+        module's, keeping the scheduler's progress (lr / base lr)."""
+        h = self.hparams
+        new = {"learning_rate": h.learning_rate, "selector_learning_rate": h.selector_learning_rate}
+        if all(saved.get(k, v) == v for k, v in new.items()):
+            return
+        bases = [h.learning_rate, h.selector_learning_rate]
+        for opt in checkpoint.get("optimizer_states", []):
+            for group, base in zip(opt.get("param_groups", []), bases):
+                old_base = group.get("initial_lr", group.get("lr"))
+                if old_base:
+                    group["lr"] = group["lr"] * base / old_base
+                group["initial_lr"] = base
+        for sched in checkpoint.get("lr_schedulers", []):
+            if "base_lrs" in sched:
+                sched["base_lrs"] = bases[: len(sched["base_lrs"])]
 
     # ----------------------------------------------------------------------------------------------- steps
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:

@@ -363,3 +363,42 @@ def test_garbage_manifest_is_replaced_by_precompute(tiny_world, small_cache, tmp
     assert list((cache / "train").glob("manifest.json.broken-*"))
     proc = _offline_fit(config, tmp_path / "run2")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------- resume, new config
+def _newest_ckpt(root: Path) -> Path:
+    return max(root.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+
+
+def test_resume_obeys_the_users_config_and_appends_a_source(tiny_world, run, tmp_path):
+    """Was: LightningCLI replaced the model section by the checkpoint's, so the new learning rate and the third
+    source were dropped (rc 0)."""
+    root = tmp_path / "run"
+    shutil.copytree(run, root)
+    proc = run_cli(*fit_args(tiny_world, root, "--ckpt_path", "last", "--trainer.max_steps", "6",
+                             "--model.init_args.learning_rate", "0.001", sources=("words", "sums", "general")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "selector grown from 2 to 3 sources (new: ['general'])" in proc.stderr
+    assert "learning_rate 0.005 -> 0.001" in proc.stderr
+    ckpt = torch.load(_newest_ckpt(root / "tb" / "tensorboard" / "version_1"), map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6
+    assert [s["name"] for s in ckpt["hyper_parameters"]["sources"]] == ["words", "sums", "general"]
+    assert ckpt["hyper_parameters"]["learning_rate"] == 0.001
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.001)
+    assert ckpt["state_dict"]["selector.mlp.2.weight"].shape[0] == 3
+
+
+@pytest.mark.parametrize("change", ["reordered sources", "target"])
+def test_resume_refuses_settings_that_cannot_change(tiny_world, run, tmp_path, change):
+    root = tmp_path / "run"
+    shutil.copytree(run, root)
+    if change == "target":
+        extra, sources = ["--model.init_args.target", tiny_world["weak"]], ("words", "sums")
+    else:
+        extra, sources = [], ("sums", "words")
+    proc = run_cli(*fit_args(tiny_world, root, "--ckpt_path", "last", "--trainer.max_steps", "6", *extra,
+                             sources=sources))
+    assert proc.returncode == 1
+    line = error_of(proc)
+    assert line.startswith("error: the checkpoint cannot resume with this config: it was trained with "), line
+    assert (f"target {tiny_world['target']!r}" if change == "target" else "sources ['words', 'sums']") in line, line

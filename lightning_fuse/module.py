@@ -129,7 +129,7 @@ class FusionModule(pl.LightningModule):
         super().__init__()
         specs = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in (sources or [])]
         _validate(specs, strategy, top_k, threshold, clm_weight, distill_loss, temperature, distill_top_k, on_nonfinite,
-                  target=target, tokenizer=tokenizer)
+                  target=target, tokenizer=tokenizer, learning_rates=(learning_rate, selector_learning_rate))
         _validate_routing(routing, strategy, selector_features, explore, selector_warmup_steps)
         self.save_hyperparameters(ignore=["sources"])
         self.hparams["sources"] = [asdict(s) for s in specs]  # plain dicts: checkpoints need no pickled classes
@@ -484,9 +484,9 @@ class FusionModule(pl.LightningModule):
 
     def configure_callbacks(self) -> list:
         """Checkpoints carry the RNG states, so that a resumed fit draws the same random numbers (``explore``)."""
-        from lightning_fuse.checkpoint import RNGState
+        from lightning_fuse.checkpoint import RNGState, UntrainedGuard
 
-        return [RNGState()]
+        return [RNGState(), UntrainedGuard()]
 
     def _nonfinite(self, message: str) -> None:
         """Report NaN/inf (with the step and batch index during training): raise (``stop``) or warn once per batch."""
@@ -506,6 +506,8 @@ class FusionModule(pl.LightningModule):
         if context is None or getattr(self, "_fault_reported", None) != context:
             log.warning("%s: batch skipped (on_nonfinite=skip_batch)", message)
             self._fault_reported = context
+            self.skipped_batches = getattr(self, "skipped_batches", 0) + 1
+            self.first_skip_reason = getattr(self, "first_skip_reason", None) or message
         return None
 
     # ----------------------------------------------------------------------------------------------- evaluation
@@ -665,6 +667,7 @@ def _validate(
     on_nonfinite: str,
     target: str | None = None,
     tokenizer: str | None = None,
+    learning_rates: tuple[float, float] = (1e-3, 1e-2),
 ) -> None:
     """Collect every problem with the module's arguments and raise once (one line per problem)."""
 
@@ -695,6 +698,9 @@ def _validate(
         problems.append(f"`--model.temperature` must be > 0, got {temperature}.")
     if distill_top_k < 1:
         problems.append(f"`--model.distill_top_k` must be >= 1, got {distill_top_k}.")
+    for value, flag in zip(learning_rates, ("learning_rate", "selector_learning_rate")):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            problems.append(f"`--model.{flag}` must be > 0, got {value} (a learning rate <= 0 does not train).")
     if on_nonfinite not in ("stop", "skip_batch"):
         problems.append(f"`--model.on_nonfinite` can be stop, skip_batch, got {on_nonfinite!r}.")
     for i, spec in enumerate(specs):

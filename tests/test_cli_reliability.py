@@ -402,3 +402,54 @@ def test_resume_refuses_settings_that_cannot_change(tiny_world, run, tmp_path, c
     line = error_of(proc)
     assert line.startswith("error: the checkpoint cannot resume with this config: it was trained with "), line
     assert (f"target {tiny_world['target']!r}" if change == "target" else "sources ['words', 'sums']") in line, line
+
+
+# ----------------------------------------------------------------------------------------------- bad values
+@pytest.mark.parametrize("value", ["-0.001", "0"])
+def test_learning_rate_must_be_positive(tiny_world, tmp_path, value):
+    proc = run_cli(*fit_args(tiny_world, tmp_path, "--model.init_args.learning_rate", value))
+    assert proc.returncode == 1  # was: trained with rc 0 (a negative rate makes the loss rise)
+    assert error_of(proc) == f"error: `--model.learning_rate` must be > 0, got {float(value)} (a learning rate <= 0 does not train)."
+
+
+def _corpus_copy(world: dict[str, str], tmp_path: Path) -> Path:
+    corpus = tmp_path / "corpus"
+    shutil.copytree(world["corpus"], corpus)
+    return corpus
+
+
+@pytest.mark.parametrize("where", ["beside train and val", "own domain"])
+def test_a_file_that_is_not_text_is_an_error_naming_it(tiny_world, tmp_path, where):
+    corpus = _corpus_copy(tiny_world, tmp_path)
+    if where == "beside train and val":  # was silently ignored
+        bad = corpus / "words" / "notes.txt"
+        bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+        expect = f"{bad} is not UTF-8 (invalid byte at offset 3)"
+    else:  # was trained on as a domain of NUL tokens
+        (corpus / "junk").mkdir()
+        bad = corpus / "junk" / "train.txt"
+        bad.write_bytes(b"\0" * 20000)
+        expect = f"{bad} holds NUL bytes (first at offset 0): it is binary, not text"
+    proc = run_cli(*fit_args(tiny_world, tmp_path / "run", "--data.init_args.data_dir", str(corpus)))
+    assert proc.returncode == 1
+    assert expect in error_of(proc)
+
+
+def test_skip_batch_that_skips_every_batch_writes_no_checkpoint(tiny_world, tmp_path):
+    """A source whose weights are NaN: ``skip_batch`` skips every batch. Was: rc 0 and checkpoints of the untrained
+    target, with only per-batch warnings."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_world["words"], broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors = {k: torch.full_like(v, float("nan")) if "embed" in k or "lm_head" in k else v for k, v in tensors.items()}
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    world = {**tiny_world, "broken": str(broken)}
+    proc = run_cli(*fit_args(world, tmp_path / "run", "--model.init_args.on_nonfinite", "skip_batch",
+                             sources=("broken", "sums")))
+    assert proc.returncode == 1
+    line = error_of(proc)
+    assert "refusing to write a checkpoint: on_nonfinite=skip_batch skipped every training batch so far (2 of 2)" in line
+    assert "source 'broken' produced NaN/inf" in line
+    assert not list((tmp_path / "run").rglob("*.ckpt"))

@@ -364,6 +364,9 @@ class FusionModule(pl.LightningModule):
         """Per-sequence fusion weights; for fixed strategies the 'gate' is the weights themselves."""
         if self.hparams.strategy == "adaptive":
             return self.selector.select(self.selector(**features))
+        if self.hparams.strategy == "clm":  # sources are evaluated (validation), never distilled: weight 0
+            w = torch.zeros_like(torch.stack([o.ce for o in outputs], dim=-1))
+            return Selection(w, w > 0, w)
         w = baseline_weights(self.hparams.strategy, torch.stack([o.ce for o in outputs], dim=-1))
         return Selection(w, w > 0, w)
 
@@ -587,7 +590,7 @@ class FusionModule(pl.LightningModule):
         if self.trainer.state.fn != "fit" and self.trainer.is_global_zero:  # `lightning-fuse validate/test`
             from lightning_fuse.evaluation import format_table
 
-            print(format_table(results, stage))
+            print(format_table(results, stage, routed=self.hparams.routing == "before_sources"))
 
     def on_fit_end(self) -> None:
         """End of ``fit``: print the last validation's per-domain table (what ``lightning-fuse validate`` prints)."""
@@ -595,7 +598,8 @@ class FusionModule(pl.LightningModule):
         if results and self.trainer.is_global_zero and any(k.startswith("val/") for k in results):
             from lightning_fuse.evaluation import format_table
 
-            print(f"last validation (step {self.global_step}):\n{format_table(results, 'val')}")
+            routed = self.hparams.routing == "before_sources"
+            print(f"last validation (step {self.global_step}):\n{format_table(results, 'val', routed=routed)}")
 
     # ----------------------------------------------------------------------------------------------- optimizer
     def _param_groups(self) -> list[dict[str, Any]]:

@@ -82,6 +82,7 @@ def run(tiny_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_run")
     proc = run_cli(*fit_args(tiny_world, root))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (root.parent / f"{root.name}.stderr").write_text(proc.stderr)  # outside the run folder, which tests copy
     return root
 
 
@@ -453,3 +454,47 @@ def test_skip_batch_that_skips_every_batch_writes_no_checkpoint(tiny_world, tmp_
     assert "refusing to write a checkpoint: on_nonfinite=skip_batch skipped every training batch so far (2 of 2)" in line
     assert "source 'broken' produced NaN/inf" in line
     assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+# ----------------------------------------------------------------------------------------------- new-user items
+def test_a_run_prints_no_noise(run):
+    """Was: a dependency's deprecation warning, Lightning's logger tip and a "Loading weights" bar per source."""
+    err = (run.parent / f"{run.name}.stderr").read_text()
+    for noise in ("LeafSpec", "Tip:", "litlogger", "Loading weights"):
+        assert noise not in err, noise
+
+
+def test_clm_with_sources_evaluates_them_without_distilling(tiny_world, tmp_path):
+    proc = run_cli(*fit_args(tiny_world, tmp_path, "--model.init_args.strategy", "clm"))
+    assert proc.returncode == 0, proc.stderr[-3000:]  # was: ValueError in the sanity validation
+    table = proc.stdout.split("last validation (step 4):", 1)[1]
+    assert "words" in table.splitlines()[2] and "sums" in table.splitlines()[2], table
+
+
+def test_routed_table_labels_source_columns(tiny_world, tmp_path):
+    proc = run_cli(*fit_args(tiny_world, tmp_path, "--model.init_args.routing", "before_sources",
+                             "--model.init_args.selector_features", "hidden"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout.split("last validation (step 4):", 1)[1]
+    assert "words*" in table and "sums*" in table
+    assert "* routed mode: a source's numbers cover only the rows routed to it" in table
+
+
+def test_export_last_finds_the_newest_run_quietly(run, tmp_path):
+    proc = run_cli("export", "--ckpt", "last", "--runs_dir", str(run), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--ckpt last: {ckpt_folder(run) / 'last.ckpt'}" in proc.stderr
+    assert "holds no weights" not in proc.stderr and "initialising" not in proc.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_precompute_composes_configs_takes_num_threads_and_draws_no_bar_into_a_log(tiny_world, tmp_path):
+    import yaml
+
+    base = _cache_config(tiny_world, tmp_path / "base.yaml", tmp_path / "cache", {"words": tiny_world["words"]})
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"model": {"init_args": {"distill_top_k": 4}}}))
+    proc = run_cli("precompute", "--config", base, "--config", str(overlay), "--num_threads", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]  # was: "Parser key "model": ... required: target"
+    assert json.loads((tmp_path / "cache" / "train" / "manifest.json").read_text())["top_k"] == 4
+    assert "\r" not in proc.stderr  # stderr is a pipe here: no progress-bar updates

@@ -498,3 +498,21 @@ def test_precompute_composes_configs_takes_num_threads_and_draws_no_bar_into_a_l
     assert proc.returncode == 0, proc.stderr[-3000:]  # was: "Parser key "model": ... required: target"
     assert json.loads((tmp_path / "cache" / "train" / "manifest.json").read_text())["top_k"] == 4
     assert "\r" not in proc.stderr  # stderr is a pipe here: no progress-bar updates
+
+
+# ----------------------------------------------------------------------------------------------- shape
+def test_path_schemes_are_a_registry_that_the_core_loader_does_not_know(tiny_world):
+    code = (
+        "import sys\n"
+        "from lightning_fuse import paths, sources\n"
+        f"paths.register_scheme('tiny://', lambda p: {str(Path(tiny_world['tokenizer']).parent)!r} + '/' + p[7:])\n"
+        "print(len(sources.load_tokenizer('tiny://tokenizer')))\n"
+        "print(sorted(m for m in sys.modules if m in ('lightning_fuse.demo', 'lightning_fuse.pretrained')))\n"
+        "print(paths.schemes())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vocab, imported, schemes = proc.stdout.splitlines()
+    assert int(vocab) > 100 and imported == "[]" and schemes == "['demo://', 'pkg://', 'tiny://']"
+    core = (ROOT / "lightning_fuse" / "sources.py").read_text()
+    assert "lightning_fuse.demo" not in core and "lightning_fuse.pretrained" not in core

@@ -342,6 +342,44 @@ def find_last_checkpoint(trainer: Any) -> str | None:
     return newest_checkpoint(checkpoint_folders(trainer))
 
 
+class UntrainedGuard(Callback):
+    """Refuses to checkpoint a fit in which ``on_nonfinite: skip_batch`` skipped every training batch so far (the
+    target has not trained: the checkpoint would look like progress), and warns at the end of a fit that skipped
+    more than half of its batches. Counts ``FusionModule.skipped_batches`` against the batches trained."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.skipped = 0
+        self._before = 0
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.batches = self.skipped = 0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._before = getattr(pl_module, "skipped_batches", 0)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.batches += 1
+        self.skipped += getattr(pl_module, "skipped_batches", 0) > self._before
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        skipped = self.skipped
+        if self.batches and skipped >= self.batches:
+            raise NonFiniteState(
+                f"refusing to write a checkpoint: on_nonfinite=skip_batch skipped every training batch so far "
+                f"({skipped} of {self.batches}), so the target has not trained (first: "
+                f"{getattr(pl_module, 'first_skip_reason', None) or 'NaN/inf'}). Fix that cause (a broken source, "
+                "a too high learning rate), or run with `--model.on_nonfinite stop` to stop at the first one."
+            )
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        skipped = self.skipped
+        if self.batches and 2 * skipped > self.batches:
+            log.warning("on_nonfinite=skip_batch skipped %d of %d training batches: the target trained on few of "
+                        "them; check the first cause: %s", skipped, self.batches,
+                        getattr(pl_module, "first_skip_reason", None))
+
+
 class RNGState(Callback):
     """Saves the random number generators' states (torch CPU and CUDA, numpy, Python) in every checkpoint and restores
     them on resume, so that a resumed fit draws the same random numbers (dropout, ``explore``) as an uninterrupted one.

@@ -70,13 +70,10 @@ class FuseCLI(LightningCLI):
                              "trainer.plugins": [{"class_path": "lightning_fuse.checkpoint.AtomicCheckpointIO"}]})
 
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI reads ``--ckpt_path``'s hyperparameters first: a damaged file gives a one-line error."""
-        try:
-            super()._parse_ckpt_path()
-        except Exception as err:
-            from lightning_fuse.checkpoint import checkpoint_error
+        """LightningCLI would replace the ``model:`` section by the checkpoint's saved hyperparameters, silently
+        ignoring the user's config and overrides. Here the user's config wins: ``FusionModule.on_load_checkpoint``
+        refuses the settings that cannot change on resume and logs those that changed."""
 
-            raise checkpoint_error(self.config[self.config.subcommand].get("ckpt_path"), err) from None
 
     def before_fit(self) -> None:
         """Remove temporary files of interrupted checkpoint writes; ``--ckpt_path last`` = the newest complete

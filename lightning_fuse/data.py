@@ -151,6 +151,11 @@ def read_texts(path: Path, text_field: str = "text") -> list[str]:
         raise ValueError(
             f"{path} is not UTF-8 (invalid byte at offset {err.start}). Convert it, e.g. `iconv -f latin1 -t utf-8`."
         ) from err
+    if "\x00" in content:
+        raise ValueError(
+            f"{path} holds NUL bytes (first at offset {content.index(chr(0))}): it is binary, not text. Remove it from "
+            "the data folder, or convert it to UTF-8 text."
+        )
     if path.suffix == ".txt":
         return [content]
     docs = []
@@ -270,6 +275,13 @@ class TextDataModule(pl.LightningDataModule):
         for d, domain in enumerate(self.domains):
             split = {"train": [p for p in files[domain] if p.stem == "train"], "val": [p for p in files[domain] if p.stem == "val"]}
             if split["train"] and split["val"]:
+                others = [p for p in files[domain] if p.stem not in ("train", "val")]
+                for p in others:  # not used, but a broken file is an error, not silently skipped
+                    read_texts(p, self.text_field)
+                if others:
+                    log.warning("domain %r has train.* and val.* files, so %s %s not used (rename to train.*/val.* "
+                                "to use them)", domain, ", ".join(str(p) for p in others),
+                                "is" if len(others) == 1 else "are")
                 tr = pack([t for p in split["train"] for t in read_texts(p, self.text_field)], self.tokenizer, self.block_size)
                 va = pack([t for p in split["val"] for t in read_texts(p, self.text_field)], self.tokenizer, self.block_size)
             else:

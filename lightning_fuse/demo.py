@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from lightning_fuse.paths import register_scheme
+
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -638,3 +640,6 @@ def _build_lock(root: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+register_scheme(SCHEME, resolve_path)

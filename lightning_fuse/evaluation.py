@@ -69,14 +69,16 @@ def _check_domains(a: Mapping[str, float], b: Mapping[str, float]) -> None:
         raise ValueError(f"No loss for domains {missing}; the method was evaluated on {sorted(a)}.")
 
 
-def format_table(results: Mapping[str, float], stage: str = "val") -> str:
+def format_table(results: Mapping[str, float], stage: str = "val", routed: bool = False) -> str:
     """A per-domain text table: loss, perplexity and next-token accuracy of the target and every source, then the
-    domain x source selection share."""
+    domain x source selection share. ``routed`` (``routing: before_sources``): each source ran only on the rows
+    routed to it, so its columns are marked ``*`` and a note says so."""
     table = parse_results(results, stage)
     if not table:
         return "(no per-domain results)"
     models = sorted({m for rows in table.values() for m, v in rows.items() if "ce" in v}, key=lambda m: (m != "target", m))
-    head = f"{'domain':<14}" + "".join(f" {m[:18]:>19}" for m in models)
+    label = {m: (f"{m[:17]}*" if routed and m != "target" else m[:18]) for m in models}
+    head = f"{'domain':<14}" + "".join(f" {label[m]:>19}" for m in models)
     lines = ["loss (nats/token) / perplexity / next-token accuracy", head]
     for domain, rows in table.items():
         cells = []
@@ -84,6 +86,8 @@ def format_table(results: Mapping[str, float], stage: str = "val") -> str:
             v = rows.get(m, {})
             cells.append(f"{v['ce']:.3f}/{v['ppl']:.1f}/{v.get('acc', math.nan):.2f}" if "ce" in v else "-")
         lines.append(f"{domain:<14}" + "".join(f" {c:>19}" for c in cells))
+    if routed and len(models) > 1:
+        lines.append("* routed mode: a source's numbers cover only the rows routed to it (- = none were)")
     shares = selection_matrix(results, stage)
     sources = sorted({s for row in shares.values() for s in row})
     if sources:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -11,6 +12,37 @@ import torch
 from lightning_fuse.io import write_model_folder
 
 log = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(ckpt: str, runs_dir: str = "runs") -> str:
+    """``ckpt`` itself, or for ``last`` the newest complete checkpoint anywhere under ``runs_dir``."""
+    if ckpt != "last":
+        return ckpt
+    from lightning_fuse.checkpoint import newest_checkpoint
+
+    root = Path(runs_dir).expanduser()
+    folders = {p.parent for p in root.rglob("*.ckpt")} if root.is_dir() else set()
+    found = newest_checkpoint(sorted(folders))
+    if found is None:
+        raise FileNotFoundError(
+            f"`--ckpt last`: no complete checkpoint under {str(root)!r}. Pass `--runs_dir` (the fit's "
+            "--trainer.default_root_dir or logger save_dir) or the checkpoint's path."
+        )
+    log.info("--ckpt last: %s", found)
+    return found
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """The target folder may hold only a config ("initialising from its config"): its weights come from the
+    checkpoint here, so that loading notice would only alarm."""
+    logger = logging.getLogger("lightning_fuse.sources")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def load_module(ckpt: str, load_sources: bool = False):
@@ -28,7 +60,8 @@ def load_module(ckpt: str, load_sources: bool = False):
     cls = _module_class(hparams.pop("_class_path", None)) or FusionModule
     module = cls(**{k: v for k, v in hparams.items() if not k.startswith("_")})
     module.load_sources = load_sources
-    module.configure_model()
+    with _quiet_loading() if not load_sources else contextlib.nullcontext():
+        module.configure_model()
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
 
@@ -48,17 +81,20 @@ def _module_class(class_path: str | None):
     return cls
 
 
-def export(ckpt: str, out: str, dtype: str | None = None) -> Path:
+def export(ckpt: str, out: str, dtype: str | None = None, runs_dir: str = "runs") -> Path:
     """Write the fused target of ``ckpt`` (weights in safetensors, config, tokenizer) to the folder ``out``.
 
     Args:
-        ckpt: checkpoint written by ``lightning-fuse fit``.
+        ckpt: checkpoint written by ``lightning-fuse fit``, or ``last``: the newest complete checkpoint under
+            ``runs_dir`` (each fit gets a new logger version, so the path changes from run to run).
         out: output folder; loads with ``AutoModelForCausalLM.from_pretrained(out)``. Must not exist or be empty.
         dtype: cast the weights (``float32``, ``bfloat16``, ``float16``) before saving; default keeps them.
+        runs_dir: where ``--ckpt last`` looks (every checkpoint below it); the fit's ``default_root_dir``.
     """
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):
         raise FileExistsError(f"`--out` {out!r} exists and is not empty. Choose a new folder.")
+    ckpt = resolve_checkpoint(ckpt, runs_dir)
     module = load_module(ckpt)
     target = module.target
     if dtype is not None:

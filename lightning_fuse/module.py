@@ -137,7 +137,7 @@ class FusionModule(pl.LightningModule):
         super().__init__()
         specs = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in (sources or [])]
         _validate(specs, strategy, top_k, threshold, clm_weight, distill_loss, temperature, distill_top_k, on_nonfinite,
-                  target=target, tokenizer=tokenizer)
+                  target=target, tokenizer=tokenizer, learning_rates=(learning_rate, selector_learning_rate))
         _validate_routing(routing, strategy, selector_features, explore, selector_warmup_steps)
         self.save_hyperparameters(ignore=["sources"])
         self.hparams["sources"] = [asdict(s) for s in specs]  # plain dicts: checkpoints need no pickled classes
@@ -238,23 +238,25 @@ class FusionModule(pl.LightningModule):
         return self.device
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resume with more sources than the checkpoint was trained with: the selector grows.
+        """Resume with this module's settings (the user's config), refusing those that cannot change.
 
-        The old sources (which must come first, in the same order) keep their learned scores; each new one starts
-        neutral (the mean of the old output rows). The selector's optimizer state restarts; the target's is kept.
+        The target, its tokenizer, the strategy and the selector's shape (features, width, prior) must be the
+        checkpoint's; the checkpoint's sources must come first, in the same order (name and path). Sources may be
+        appended: the selector grows, the old sources keep their learned scores, each new one starts neutral (the
+        mean of the old output rows), and the selector's optimizer state restarts (the target's is kept). Learning
+        rates come from this module's settings (the warm-up's progress is kept); every changed setting is logged.
         """
-        old_names = [  # LightningCLI may have turned the saved dicts into Namespace(class_path, init_args)
-            (s if isinstance(s, dict) else (s.get("init_args") or s))["name"]
-            for s in checkpoint.get("hyper_parameters", {}).get("sources", [])
+        saved = checkpoint.get("hyper_parameters") or {}
+        old_specs = [  # LightningCLI may have turned the saved dicts into Namespace(class_path, init_args)
+            dict(s if isinstance(s, dict) else (s.get("init_args") or s)) for s in saved.get("sources", [])
         ]
+        old_names = [s["name"] for s in old_specs]
+        if saved:
+            self._check_resume(saved, old_specs)
+            self._resume_learning_rates(checkpoint, saved)
         state = checkpoint.get("state_dict", {})
         if "selector.mlp.2.weight" not in state or self.selector is None or old_names == self.source_names:
             return
-        if self.source_names[: len(old_names)] != old_names:
-            raise ValueError(
-                f"The checkpoint was trained with sources {old_names}; now declared: {self.source_names}. To add "
-                "sources, keep the old ones first and in the same order, and append the new ones."
-            )
         h = self.hparams
         old = Selector(len(old_names), self.target_config.hidden_size, h.selector_features, h.selector_width, 1,
                        prior=h.selector_prior)
@@ -269,6 +271,51 @@ class FusionModule(pl.LightningModule):
                     opt["state"].pop(index, None)
         log.info("selector grown from %d to %d sources (new: %s)", len(old_names), len(self.source_names),
                  self.source_names[len(old_names):])
+
+    _FIXED_ON_RESUME = ("target", "tokenizer", "strategy", "selector_features", "selector_width", "selector_prior")
+
+    def _check_resume(self, saved: dict[str, Any], old_specs: list[dict[str, Any]]) -> None:
+        """Refuse settings that cannot change on resume (naming each); log the ones that changed."""
+        h = self.hparams
+        problems = [
+            f"{key} {saved[key]!r} (now {h.get(key)!r})"
+            for key in self._FIXED_ON_RESUME
+            if key in saved and saved[key] != h.get(key)
+        ]
+        now = [(s.name, s.path) for s in self.source_specs]
+        before = [(s["name"], s["path"]) for s in old_specs]
+        if now[: len(before)] != before:
+            problems.append(f"sources {[n for n, _ in before]} (now {[n for n, _ in now]}; paths must match too)")
+        if problems:
+            raise ValueError(
+                "the checkpoint cannot resume with this config: it was trained with " + "; ".join(problems) + ". "
+                "These cannot change on resume (to add sources, keep the old ones first and in the same order, "
+                "and append the new ones): use the checkpoint's values, or start a new fit without --ckpt_path."
+            )
+        changed = {k: (saved[k], v) for k, v in h.items() if k in saved and k != "sources" and saved[k] != v}
+        if len(now) != len(before):
+            changed["sources"] = ([n for n, _ in before], [n for n, _ in now])
+        if changed:
+            log.info("resuming with settings changed since the checkpoint: %s",
+                     ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+    def _resume_learning_rates(self, checkpoint: dict[str, Any], saved: dict[str, Any]) -> None:
+        """The checkpoint's optimizer and scheduler states carry the old learning rates: rescale them to this
+        module's, keeping the scheduler's progress (lr / base lr)."""
+        h = self.hparams
+        new = {"learning_rate": h.learning_rate, "selector_learning_rate": h.selector_learning_rate}
+        if all(saved.get(k, v) == v for k, v in new.items()):
+            return
+        bases = [h.learning_rate, h.selector_learning_rate]
+        for opt in checkpoint.get("optimizer_states", []):
+            for group, base in zip(opt.get("param_groups", []), bases):
+                old_base = group.get("initial_lr", group.get("lr"))
+                if old_base:
+                    group["lr"] = group["lr"] * base / old_base
+                group["initial_lr"] = base
+        for sched in checkpoint.get("lr_schedulers", []):
+            if "base_lrs" in sched:
+                sched["base_lrs"] = bases[: len(sched["base_lrs"])]
 
     # ----------------------------------------------------------------------------------------------- steps
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
@@ -351,6 +398,9 @@ class FusionModule(pl.LightningModule):
         """Per-sequence fusion weights; for fixed strategies the 'gate' is the weights themselves."""
         if self.hparams.strategy == "adaptive":
             return self.selector.select(self.selector(**features))
+        if self.hparams.strategy == "clm":  # sources are evaluated (validation), never distilled: weight 0
+            w = torch.zeros_like(torch.stack([o.ce for o in outputs], dim=-1))
+            return Selection(w, w > 0, w)
         w = baseline_weights(self.hparams.strategy, torch.stack([o.ce for o in outputs], dim=-1))
         return Selection(w, w > 0, w)
 
@@ -482,9 +532,9 @@ class FusionModule(pl.LightningModule):
 
     def configure_callbacks(self) -> list:
         """Checkpoints carry the RNG states, so that a resumed fit draws the same random numbers (``explore``)."""
-        from lightning_fuse.checkpoint import RNGState
+        from lightning_fuse.checkpoint import RNGState, UntrainedGuard
 
-        return [RNGState()]
+        return [RNGState(), UntrainedGuard()]
 
     def _nonfinite(self, message: str) -> None:
         """Report NaN/inf (with the step and batch index during training): raise (``stop``) or warn once per batch."""
@@ -504,6 +554,8 @@ class FusionModule(pl.LightningModule):
         if context is None or getattr(self, "_fault_reported", None) != context:
             log.warning("%s: batch skipped (on_nonfinite=skip_batch)", message)
             self._fault_reported = context
+            self.skipped_batches = getattr(self, "skipped_batches", 0) + 1
+            self.first_skip_reason = getattr(self, "first_skip_reason", None) or message
         return None
 
     # ----------------------------------------------------------------------------------------------- evaluation
@@ -586,7 +638,7 @@ class FusionModule(pl.LightningModule):
         if self.trainer.state.fn != "fit" and self.trainer.is_global_zero:  # `lightning-fuse validate/test`
             from lightning_fuse.evaluation import format_table
 
-            print(format_table(results, stage))
+            print(format_table(results, stage, routed=self.hparams.routing == "before_sources"))
 
     def on_fit_end(self) -> None:
         """End of ``fit``: print the last validation's per-domain table (what ``lightning-fuse validate`` prints)."""
@@ -594,7 +646,8 @@ class FusionModule(pl.LightningModule):
         if results and self.trainer.is_global_zero and any(k.startswith("val/") for k in results):
             from lightning_fuse.evaluation import format_table
 
-            print(f"last validation (step {self.global_step}):\n{format_table(results, 'val')}")
+            routed = self.hparams.routing == "before_sources"
+            print(f"last validation (step {self.global_step}):\n{format_table(results, 'val', routed=routed)}")
 
     # ----------------------------------------------------------------------------------------------- optimizer
     def _param_groups(self) -> list[dict[str, Any]]:
@@ -666,6 +719,7 @@ def _validate(
     on_nonfinite: str,
     target: str | None = None,
     tokenizer: str | None = None,
+    learning_rates: tuple[float, float] = (1e-3, 1e-2),
 ) -> None:
     """Collect every problem with the module's arguments and raise once (one line per problem)."""
 
@@ -696,6 +750,9 @@ def _validate(
         problems.append(f"`--model.temperature` must be > 0, got {temperature}.")
     if distill_top_k < 1:
         problems.append(f"`--model.distill_top_k` must be >= 1, got {distill_top_k}.")
+    for value, flag in zip(learning_rates, ("learning_rate", "selector_learning_rate")):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            problems.append(f"`--model.{flag}` must be > 0, got {value} (a learning rate <= 0 does not train).")
     if on_nonfinite not in ("stop", "skip_batch"):
         problems.append(f"`--model.on_nonfinite` can be stop, skip_batch, got {on_nonfinite!r}.")
     for i, spec in enumerate(specs):

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from lightning_fuse.paths import register_scheme
+
 log = logging.getLogger(__name__)
 
 __all__ = ["PACKAGED", "SCHEME", "PackagedModel", "cache_root", "convert_gguf", "find_gguf", "find_smollm2_gguf",
@@ -298,3 +300,6 @@ def _lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+register_scheme(SCHEME, resolve_packaged)

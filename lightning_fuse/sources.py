@@ -23,6 +23,7 @@ from lightning_fuse.fusion import (
     source_output_from_logits,
 )
 from lightning_fuse.logits import plain_lm_head
+from lightning_fuse.paths import resolve_path  # noqa: F401  (re-exported: `from lightning_fuse.sources import ...`)
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +56,6 @@ class SourceSpec:
     trust_remote_code: bool = False
     gguf_file: str | None = None
     alignment: Literal["exact", "min_ed"] = "min_ed"
-
-
-def resolve_path(path: str) -> str:
-    """Expand ``demo://`` and ``pkg://`` paths (built/converted on first use) and ``~``; hub ids are unchanged."""
-    if path.startswith("demo://"):
-        from lightning_fuse.demo import resolve_path as resolve_demo
-
-        return resolve_demo(path)
-    if path.startswith("pkg://"):
-        from lightning_fuse.pretrained import resolve_packaged
-
-        return resolve_packaged(path)
-    expanded = os.path.expanduser(path)
-    return expanded if os.path.exists(expanded) else path
 
 
 def _check_exists(path: str, what: str) -> None:

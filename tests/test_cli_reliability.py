@@ -82,6 +82,7 @@ def run(tiny_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_run")
     proc = run_cli(*fit_args(tiny_world, root))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (root.parent / f"{root.name}.stderr").write_text(proc.stderr)  # outside the run folder, which tests copy
     return root
 
 
@@ -363,3 +364,155 @@ def test_garbage_manifest_is_replaced_by_precompute(tiny_world, small_cache, tmp
     assert list((cache / "train").glob("manifest.json.broken-*"))
     proc = _offline_fit(config, tmp_path / "run2")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------- resume, new config
+def _newest_ckpt(root: Path) -> Path:
+    return max(root.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+
+
+def test_resume_obeys_the_users_config_and_appends_a_source(tiny_world, run, tmp_path):
+    """Was: LightningCLI replaced the model section by the checkpoint's, so the new learning rate and the third
+    source were dropped (rc 0)."""
+    root = tmp_path / "run"
+    shutil.copytree(run, root)
+    proc = run_cli(*fit_args(tiny_world, root, "--ckpt_path", "last", "--trainer.max_steps", "6",
+                             "--model.init_args.learning_rate", "0.001", sources=("words", "sums", "general")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "selector grown from 2 to 3 sources (new: ['general'])" in proc.stderr
+    assert "learning_rate 0.005 -> 0.001" in proc.stderr
+    ckpt = torch.load(_newest_ckpt(root / "tb" / "tensorboard" / "version_1"), map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6
+    assert [s["name"] for s in ckpt["hyper_parameters"]["sources"]] == ["words", "sums", "general"]
+    assert ckpt["hyper_parameters"]["learning_rate"] == 0.001
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.001)
+    assert ckpt["state_dict"]["selector.mlp.2.weight"].shape[0] == 3
+
+
+@pytest.mark.parametrize("change", ["reordered sources", "target"])
+def test_resume_refuses_settings_that_cannot_change(tiny_world, run, tmp_path, change):
+    root = tmp_path / "run"
+    shutil.copytree(run, root)
+    if change == "target":
+        extra, sources = ["--model.init_args.target", tiny_world["weak"]], ("words", "sums")
+    else:
+        extra, sources = [], ("sums", "words")
+    proc = run_cli(*fit_args(tiny_world, root, "--ckpt_path", "last", "--trainer.max_steps", "6", *extra,
+                             sources=sources))
+    assert proc.returncode == 1
+    line = error_of(proc)
+    assert line.startswith("error: the checkpoint cannot resume with this config: it was trained with "), line
+    assert (f"target {tiny_world['target']!r}" if change == "target" else "sources ['words', 'sums']") in line, line
+
+
+# ----------------------------------------------------------------------------------------------- bad values
+@pytest.mark.parametrize("value", ["-0.001", "0"])
+def test_learning_rate_must_be_positive(tiny_world, tmp_path, value):
+    proc = run_cli(*fit_args(tiny_world, tmp_path, "--model.init_args.learning_rate", value))
+    assert proc.returncode == 1  # was: trained with rc 0 (a negative rate makes the loss rise)
+    assert error_of(proc) == f"error: `--model.learning_rate` must be > 0, got {float(value)} (a learning rate <= 0 does not train)."
+
+
+def _corpus_copy(world: dict[str, str], tmp_path: Path) -> Path:
+    corpus = tmp_path / "corpus"
+    shutil.copytree(world["corpus"], corpus)
+    return corpus
+
+
+@pytest.mark.parametrize("where", ["beside train and val", "own domain"])
+def test_a_file_that_is_not_text_is_an_error_naming_it(tiny_world, tmp_path, where):
+    corpus = _corpus_copy(tiny_world, tmp_path)
+    if where == "beside train and val":  # was silently ignored
+        bad = corpus / "words" / "notes.txt"
+        bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+        expect = f"{bad} is not UTF-8 (invalid byte at offset 3)"
+    else:  # was trained on as a domain of NUL tokens
+        (corpus / "junk").mkdir()
+        bad = corpus / "junk" / "train.txt"
+        bad.write_bytes(b"\0" * 20000)
+        expect = f"{bad} holds NUL bytes (first at offset 0): it is binary, not text"
+    proc = run_cli(*fit_args(tiny_world, tmp_path / "run", "--data.init_args.data_dir", str(corpus)))
+    assert proc.returncode == 1
+    assert expect in error_of(proc)
+
+
+def test_skip_batch_that_skips_every_batch_writes_no_checkpoint(tiny_world, tmp_path):
+    """A source whose weights are NaN: ``skip_batch`` skips every batch. Was: rc 0 and checkpoints of the untrained
+    target, with only per-batch warnings."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_world["words"], broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors = {k: torch.full_like(v, float("nan")) if "embed" in k or "lm_head" in k else v for k, v in tensors.items()}
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    world = {**tiny_world, "broken": str(broken)}
+    proc = run_cli(*fit_args(world, tmp_path / "run", "--model.init_args.on_nonfinite", "skip_batch",
+                             sources=("broken", "sums")))
+    assert proc.returncode == 1
+    line = error_of(proc)
+    assert "refusing to write a checkpoint: on_nonfinite=skip_batch skipped every training batch so far (2 of 2)" in line
+    assert "source 'broken' produced NaN/inf" in line
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+# ----------------------------------------------------------------------------------------------- new-user items
+def test_a_run_prints_no_noise(run):
+    """Was: a dependency's deprecation warning, Lightning's logger tip and a "Loading weights" bar per source."""
+    err = (run.parent / f"{run.name}.stderr").read_text()
+    for noise in ("LeafSpec", "Tip:", "litlogger", "Loading weights"):
+        assert noise not in err, noise
+
+
+def test_clm_with_sources_evaluates_them_without_distilling(tiny_world, tmp_path):
+    proc = run_cli(*fit_args(tiny_world, tmp_path, "--model.init_args.strategy", "clm"))
+    assert proc.returncode == 0, proc.stderr[-3000:]  # was: ValueError in the sanity validation
+    table = proc.stdout.split("last validation (step 4):", 1)[1]
+    assert "words" in table.splitlines()[2] and "sums" in table.splitlines()[2], table
+
+
+def test_routed_table_labels_source_columns(tiny_world, tmp_path):
+    proc = run_cli(*fit_args(tiny_world, tmp_path, "--model.init_args.routing", "before_sources",
+                             "--model.init_args.selector_features", "hidden"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout.split("last validation (step 4):", 1)[1]
+    assert "words*" in table and "sums*" in table
+    assert "* routed mode: a source's numbers cover only the rows routed to it" in table
+
+
+def test_export_last_finds_the_newest_run_quietly(run, tmp_path):
+    proc = run_cli("export", "--ckpt", "last", "--runs_dir", str(run), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--ckpt last: {ckpt_folder(run) / 'last.ckpt'}" in proc.stderr
+    assert "holds no weights" not in proc.stderr and "initialising" not in proc.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_precompute_composes_configs_takes_num_threads_and_draws_no_bar_into_a_log(tiny_world, tmp_path):
+    import yaml
+
+    base = _cache_config(tiny_world, tmp_path / "base.yaml", tmp_path / "cache", {"words": tiny_world["words"]})
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"model": {"init_args": {"distill_top_k": 4}}}))
+    proc = run_cli("precompute", "--config", base, "--config", str(overlay), "--num_threads", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]  # was: "Parser key "model": ... required: target"
+    assert json.loads((tmp_path / "cache" / "train" / "manifest.json").read_text())["top_k"] == 4
+    assert "\r" not in proc.stderr  # stderr is a pipe here: no progress-bar updates
+
+
+# ----------------------------------------------------------------------------------------------- shape
+def test_path_schemes_are_a_registry_that_the_core_loader_does_not_know(tiny_world):
+    code = (
+        "import sys\n"
+        "from lightning_fuse import paths, sources\n"
+        f"paths.register_scheme('tiny://', lambda p: {str(Path(tiny_world['tokenizer']).parent)!r} + '/' + p[7:])\n"
+        "print(len(sources.load_tokenizer('tiny://tokenizer')))\n"
+        "print(sorted(m for m in sys.modules if m in ('lightning_fuse.demo', 'lightning_fuse.pretrained')))\n"
+        "print(paths.schemes())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vocab, imported, schemes = proc.stdout.splitlines()
+    assert int(vocab) > 100 and imported == "[]" and schemes == "['demo://', 'pkg://', 'tiny://']"
+    core = (ROOT / "lightning_fuse" / "sources.py").read_text()
+    assert "lightning_fuse.demo" not in core and "lightning_fuse.pretrained" not in core

@@ -291,6 +291,11 @@ def _summary(values: list[float]) -> dict:
     return {"median": med, "min": min(values), "spread": (max(values) - min(values)) / med if med else 0.0}
 
 
+def _paired(peer: list[float], ours: list[float]) -> float:
+    """Median over rounds of peer / ours (times: > 1 means ours is faster), each round's pair run back to back."""
+    return statistics.median(p / o for p, o in zip(peer, ours, strict=True))
+
+
 def train_rows(world: dict, s: Settings, fast: bool) -> list[dict]:
     contenders = {
         "gkd": ("same tokenizer", "TRL GKD (off-policy, lmbda 0, beta 0)", lambda: TrlGkd(world)),
@@ -318,7 +323,7 @@ def train_rows(world: dict, s: Settings, fast: bool) -> list[dict]:
     rows = []
     for key, (group, name, _) in contenders.items():
         t = _summary(ms[key])
-        vs = statistics.median(ms[peer[key]]) / t["median"]
+        vs = _paired(ms[peer[key]], ms[key])
         note = f"loss {losses[key]:.6f}"
         if key == "lfV":
             diff = abs(losses[key] - losses["gkd"])
@@ -328,7 +333,7 @@ def train_rows(world: dict, s: Settings, fast: bool) -> list[dict]:
         if key == "lf10":
             note += " (sparse lower bound)"
         if key in ("lf_sp", "lf_bl"):
-            note += f"; {statistics.median(ms['lf10']) / t['median']:.2f}x our same-tokenizer top-10 step"
+            note += f"; {_paired(ms['lf10'], ms[key]):.2f}x our same-tokenizer top-10 speed"
         if key.startswith("gold"):
             note += " (ULD, another objective)"
         rows.append({"group": group, "name": name, "unit": "steps/s", "median": 1000 / t["median"],
@@ -417,7 +422,7 @@ def merge_rows(world: dict, s: Settings, fast: bool) -> list[dict]:
         for who, times in (("mergekit run_merge", t_mk), ("lightning-fuse merge (drives mergekit)", t_ours)):
             t = _summary(times)
             rows.append({"group": f"merge: {name}", "name": who, "unit": "s", "median": t["median"], "best": t["min"],
-                         "spread": t["spread"], "vs": statistics.median(t_mk) / t["median"],
+                         "spread": t["spread"], "vs": _paired(t_mk, times),
                          "note": "" if who.startswith("mergekit") else f"max abs diff {diff:.1e}"})
     return rows
 
@@ -440,7 +445,7 @@ def alignment_rows(world: dict, s: Settings) -> list[dict]:
         tps = [r["tokens_per_s"] for r in results]
         t = _summary(tps)
         rows.append({"group": group, "name": name, "unit": "tokens/s", "median": t["median"], "best": max(tps),
-                     "spread": t["spread"], "vs": t["median"] / statistics.median(r["tokens_per_s"] for r in dtw),
+                     "spread": t["spread"], "vs": _paired(tps, [r["tokens_per_s"] for r in dtw]),
                      "note": f"exact-alignment rate {results[0]['rate']:.3f}"})
     return rows
 
@@ -487,7 +492,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['group']} | {r['name']} | {_fmt(r['median'], r['unit'])} | {_fmt(r['best'], r['unit'])} | "
               f"{r['spread']:.0%} | {r['vs']:.2f}x | {r['note']} |")
-    print("\nvs peer: the peer's median time / this row's (> 1: faster than the peer).")
+    print("\nvs peer: median over rounds of the peer's time / this row's, both measured in the same round (> 1: faster "
+          "than the peer). best: the fastest round. spread: (slowest - fastest) / median.")
     if args.fast:
         print("parity ok: dense loss = TRL GKD's; lightning-fuse merge = mergekit where configured alike")
 

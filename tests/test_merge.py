@@ -134,39 +134,54 @@ def test_ties_matches_float64_reference_with_mergekit_conventions(folders, tmp_p
         torch.testing.assert_close(got[key].double(), ref[key], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("method", "kwargs", "yaml_params"),
-    [
-        ("linear", {"weights": [2.0, 1.0]}, [{"weight": 2.0}, {"weight": 1.0}]),
-        ("ties", {"weights": [2.0, 1.0], "density": 0.3}, [{"weight": 2.0, "density": 0.3}, {"weight": 1.0, "density": 0.3}]),
-        ("dare_ties", {"density": 0.5}, [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}]),
-    ],
-)
-def test_merge_cli_equals_mergekit_yaml_subprocess(folders, tmp_path, method, kwargs, yaml_params):
-    """`lightning-fuse merge` (subprocess) and mergekit's own `mergekit-yaml` (subprocess) give the same tensors."""
-    _mergekit()
-    mergekit_yaml = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
-    base = None if method == "linear" else folders["base"]
+_CASES = {  # method: (merge_models kwargs, mergekit per-model parameters)
+    "linear": ({"weights": [2.0, 1.0]}, [{"weight": 2.0}, {"weight": 1.0}]),
+    "ties": ({"weights": [2.0, 1.0], "density": 0.3}, [{"weight": 2.0, "density": 0.3}, {"weight": 1.0, "density": 0.3}]),
+    "dare_ties": ({"density": 0.5}, [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}]),
+}
+
+
+def _mergekit_config(folders, method: str) -> dict:
     config = {"merge_method": method, "dtype": "float32",
-              "models": [{"model": folders[f"ft{i}"], "parameters": p} for i, p in zip((1, 2), yaml_params)]}
-    if base:
-        config["base_model"] = base
-    (tmp_path / "config.yml").write_text(json.dumps(config))  # JSON is YAML
-    subprocess.run([mergekit_yaml, str(tmp_path / "config.yml"), str(tmp_path / "mk"), "--random-seed", "0",
-                    "--quiet", "--no-copy-tokenizer"], check=True, capture_output=True)
-    argv = [sys.executable, "-m", "lightning_fuse", "merge", "--model_paths", json.dumps([folders["ft1"], folders["ft2"]]),
-            "--out_dir", str(tmp_path / "lf"), "--method", method, "--seed", "0"]
-    if base:
-        argv += ["--base_path", base]
-    if "weights" in kwargs:
-        argv += ["--weights", json.dumps(kwargs["weights"])]
-    if "density" in kwargs:
-        argv += ["--density", str(kwargs["density"])]
-    subprocess.run(argv, check=True, capture_output=True)
-    ours, theirs = _sd(tmp_path / "lf"), _sd(tmp_path / "mk")
+              "models": [{"model": folders[f"ft{i}"], "parameters": p} for i, p in zip((1, 2), _CASES[method][1])]}
+    if method != "linear":
+        config["base_model"] = folders["base"]
+    return config
+
+
+def _assert_same_tensors(ours_dir, theirs_dir):
+    ours, theirs = _sd(ours_dir), _sd(theirs_dir)
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("method", list(_CASES))
+def test_merge_equals_mergekit_run_merge(folders, tmp_path, method):
+    """`merge_models` and mergekit's own `run_merge` on a hand-written config give the same tensors."""
+    _mergekit()
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    run_merge(MergeConfiguration.model_validate(_mergekit_config(folders, method)), str(tmp_path / "mk"),
+              MergeOptions(random_seed=0, quiet=True, copy_tokenizer=False))
+    base = None if method == "linear" else folders["base"]
+    merge_models([folders["ft1"], folders["ft2"]], tmp_path / "lf", method=method, base_path=base, **_CASES[method][0])
+    _assert_same_tensors(tmp_path / "lf", tmp_path / "mk")
+
+
+def test_merge_cli_equals_mergekit_yaml_subprocess(folders, tmp_path):
+    """`lightning-fuse merge` and mergekit's `mergekit-yaml`, both as subprocesses: TIES at density 0.3, weights 2, 1."""
+    _mergekit()
+    mergekit_yaml = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
+    (tmp_path / "config.yml").write_text(json.dumps(_mergekit_config(folders, "ties")))  # JSON is YAML
+    subprocess.run([mergekit_yaml, str(tmp_path / "config.yml"), str(tmp_path / "mk"), "--quiet",
+                    "--no-copy-tokenizer"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "lightning_fuse", "merge", "--model_paths",
+                    json.dumps([folders["ft1"], folders["ft2"]]), "--out_dir", str(tmp_path / "lf"), "--method", "ties",
+                    "--base_path", folders["base"], "--weights", "[2.0, 1.0]", "--density", "0.3"],
+                   check=True, capture_output=True)
+    _assert_same_tensors(tmp_path / "lf", tmp_path / "mk")
 
 
 def test_merge_bfloat16_output_computed_in_float32(folders, tmp_path):

@@ -108,6 +108,17 @@ def main() -> None:
     sample = "\n".join(stdlib_texts(200_000, skip_chars=2_000_000))
     ratio = len(src_tok(sample)["input_ids"]) / len(tgt_tok(sample)["input_ids"])
     print(f"source tokens per target token on the data: {ratio:.3f}")
+    from lightning_fuse.alignment import TokenAligner
+    from lightning_fuse.data import pack
+
+    aligner = TokenAligner(src_tok, tgt_tok, progress=False)
+    blocks = pack([sample], tgt_tok, args.length)[: args.batch]
+    aligner.align_batch(blocks)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        aligner.align_batch(blocks)
+    align_ms = (time.perf_counter() - t0) / 5 * 1e3
+    print(f"align_batch of one {args.batch} x {args.length} batch: {align_ms:.1f} ms (now in the DataLoader)")
     times: dict[str, list[float]] = {k: [] for k in configs}
     for r in range(args.rounds):
         for name, (spec, inline) in configs.items():

@@ -65,7 +65,13 @@ def test_smollm2_aligns_to_a_local_tokenizer_on_held_out_text(smollm2_tokenizer,
     print(f"SmolLM2 -> local byte-level BPE (2k): alignment rate {rate:.3f} on {blocks.numel()} held-out tokens; "
           f"min_ed vocab map {map_seconds:.2f}s, alignment {blocks.numel() / align_seconds:,.0f} tokens/s")  # fmt: skip
 
-    assert aligner.vocab_map.shape == (VOCAB,) and (aligner.vocab_map >= 0).all()
+    # min_ed with its cutoff: a SmolLM2 token maps to a 2k-vocabulary token only within half its length in edits,
+    # a special token only by role; the rest is unmapped (its mass goes to the "other" bucket)
+    kind = aligner.vocab_kind
+    assert aligner.vocab_map.shape == (VOCAB,) and torch.equal(aligner.vocab_map >= 0, kind > 0)
+    print(f"SmolLM2 ids: {float((kind == 1).float().mean()):.1%} exact, {float((kind == 2).float().mean()):.1%} by "
+          f"edit distance, {float((kind == 0).float().mean()):.1%} unmapped")
+    assert float((kind > 0).float().mean()) > 0.5
     assert int(aligner.vocab_map.max()) < len(local)
     # Both tokenizers are byte-level BPE over the same bytes, but SmolLM2's 49k merges cut Python source into far
     # longer tokens (about 3.8 characters per token) than a 2k vocabulary does, so a target position is aligned

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from lightning_fuse.logits import log_normalizers
+from lightning_fuse.student import StudentStats, student_stats
 
 if TYPE_CHECKING:
     from lightning_fuse.fusion import SparseDist
@@ -125,7 +125,6 @@ def distill_loss(
     temperature: float = 1.0,
     student_logprobs: Tensor | None = None,
     chunk_size: int | None = None,
-    normalizers: tuple[Tensor, Tensor, Tensor | None] | None = None,
 ) -> Tensor:
     """Mean tempered divergence between the sparse teacher ``P`` and the student ``Q`` where ``mask`` is True.
 
@@ -140,9 +139,7 @@ def distill_loss(
             tightest lower bound of the dense one that the teacher's support and tail mass allow (module docstring).
         student_logprobs: ``log_softmax(student_logits)``, accepted in place of the logits (same result: the
             student's normalisers are recomputed chunk by chunk either way).
-        chunk_size: positions per chunk for the student's normalisers (``lightning_fuse.logits.log_normalizers``).
-        normalizers: ``log_normalizers(student_logits, temperature, teacher.ids)`` if the caller already has them
-            (the module computes them once for the CE and the distillation).
+        chunk_size: positions per chunk for the student's statistics (``lightning_fuse.student.student_stats``).
 
     Returns:
         A scalar; 0 (with a gradient path) if ``mask`` is all False.
@@ -151,14 +148,23 @@ def distill_loss(
         raise ValueError(f"`distill_loss` can be {', '.join(DISTILL_LOSSES)}, got {kind!r}.")
     if not temperature > 0:
         raise ValueError(f"`temperature` must be > 0, got {temperature}.")
-    t = float(temperature)
     z = student_logprobs if student_logprobs is not None else student_logits
+    stats = student_stats(z, teacher.ids, temperature, teacher.ids, chunk_size=chunk_size)
+    return sparse_divergence(stats, teacher, mask, kind, temperature, z.shape[-1])
+
+
+def sparse_divergence(
+    stats: StudentStats, teacher: SparseDist, mask: Tensor, kind: DistillLoss, temperature: float, vocab_size: int
+) -> Tensor:
+    """``distill_loss`` from the student's statistics: ``stats.picked`` holds the logits at ``teacher.ids`` and
+    ``stats.log_z_out`` excludes them (``student_stats(z, teacher.ids, T, teacher.ids)``)."""
+    if kind not in DISTILL_LOSSES:
+        raise ValueError(f"`distill_loss` can be {', '.join(DISTILL_LOSSES)}, got {kind!r}.")
+    t = float(temperature)
     valid = teacher.ids >= 0
-    _, log_z_t, log_z_out = normalizers if normalizers is not None else log_normalizers(z, t, teacher.ids, chunk_size)
-    z_sup = z.gather(-1, teacher.ids.clamp_min(0)).to(log_z_t.dtype)
-    log_q = (z_sup / t - log_z_t.unsqueeze(-1)).masked_fill(~valid, float("-inf"))
-    log_q_o = log_z_out - log_z_t
-    log_s, r_lo, r_hi = tail_interval(teacher.logprobs.detach(), valid, z.shape[-1], t)
+    log_q = (stats.picked / t - stats.log_z_t.unsqueeze(-1)).masked_fill(~valid, float("-inf"))
+    log_q_o = stats.log_z_out - stats.log_z_t
+    log_s, r_lo, r_hi = tail_interval(teacher.logprobs.detach(), valid, vocab_size, t)
     r = _best_r(kind, log_s, r_lo, r_hi, log_q.detach(), log_q_o.detach())
     log_p = torch.cat([log_s + torch.log1p(-r).unsqueeze(-1), r.log().unsqueeze(-1)], -1).to(log_q.dtype)
     log_q_all = torch.cat([log_q, log_q_o.unsqueeze(-1)], -1)

@@ -66,12 +66,12 @@ def tail_interval(teacher_logprobs: Tensor, valid: Tensor, vocab_size: int, temp
     mass over every tail of mass ``p_o`` spread on the ``V - m`` ids outside the support.
     """
     t = temperature
-    lp = teacher_logprobs.double().masked_fill(~valid, float("-inf"))
+    lp = teacher_logprobs.to(torch.promote_types(teacher_logprobs.dtype, torch.float32)).masked_fill(~valid, float("-inf"))
     log_s_unnorm = lp / t
     log_sum_t = torch.logsumexp(log_s_unnorm, -1)  # log sum_S p^(1/T)
     log_s = (log_s_unnorm - log_sum_t.unsqueeze(-1)).masked_fill(~valid, float("-inf"))
     log_p_o = _log1mexp(torch.logsumexp(lp, -1))  # -inf when the support holds all the mass
-    n = (vocab_size - valid.sum(-1)).clamp_min(0).double()
+    n = (vocab_size - valid.sum(-1)).clamp_min(0).to(lp.dtype)
     log_bucket = log_p_o / t
     log_even = (1.0 - 1.0 / t) * n.clamp_min(1).log() + log_p_o / t
     r_bucket = torch.sigmoid(log_bucket - log_sum_t)
@@ -91,8 +91,9 @@ def _jsd_slope(r: Tensor, s: Tensor, log_s: Tensor, q: Tensor, q_o: Tensor) -> T
 
 @torch.no_grad()
 def _best_r(kind: str, log_s: Tensor, r_lo: Tensor, r_hi: Tensor, log_q: Tensor, log_q_o: Tensor) -> Tensor:
-    """The minimiser over ``[r_lo, r_hi]`` of the coarse divergence (``[B, L]``, float64, no gradient)."""
-    log_q, log_q_o = log_q.double(), log_q_o.double()
+    """The minimiser over ``[r_lo, r_hi]`` of the coarse divergence (``[B, L]``, no gradient)."""
+    dtype = torch.promote_types(log_s.dtype, log_q.dtype)
+    log_s, r_lo, r_hi, log_q, log_q_o = (x.to(dtype) for x in (log_s, r_lo, r_hi, log_q, log_q_o))
     if kind == "reverse_kl":
         r = log_q_o.exp()
     elif kind == "forward_kl":
@@ -105,7 +106,8 @@ def _best_r(kind: str, log_s: Tensor, r_lo: Tensor, r_hi: Tensor, log_q: Tensor,
         lo, hi = r_lo.clone(), r_hi.clone()
         open_ = (hi > lo) & (lo < 1)
         if bool(open_.any()):
-            lo_, hi_ = lo.clamp(1e-300, 1 - 1e-16), hi.clamp(1e-300, 1 - 1e-16)
+            info = torch.finfo(dtype)
+            lo_, hi_ = lo.clamp(info.tiny, 1 - info.eps), hi.clamp(info.tiny, 1 - info.eps)
             for _ in range(_BISECTION_STEPS):
                 mid = 0.5 * (lo_ + hi_)
                 up = _jsd_slope(mid, s, log_s, q, q_o) > 0  # minimum to the left of mid
@@ -165,7 +167,7 @@ def sparse_divergence(
     log_q = (stats.picked / t - stats.log_z_t.unsqueeze(-1)).masked_fill(~valid, float("-inf"))
     log_q_o = stats.log_z_out - stats.log_z_t
     log_s, r_lo, r_hi = tail_interval(teacher.logprobs.detach(), valid, vocab_size, t)
-    r = _best_r(kind, log_s, r_lo, r_hi, log_q.detach(), log_q_o.detach())
+    r = _best_r(kind, log_s, r_lo, r_hi, log_q.detach(), log_q_o.detach()).to(log_s.dtype)
     log_p = torch.cat([log_s + torch.log1p(-r).unsqueeze(-1), r.log().unsqueeze(-1)], -1).to(log_q.dtype)
     log_q_all = torch.cat([log_q, log_q_o.unsqueeze(-1)], -1)
     p, q = log_p.exp(), log_q_all.exp()

@@ -71,8 +71,8 @@ class FusionModule(pl.LightningModule):
         selector_features: what the selector sees: ``rewards`` (exp(-CE) of every source), ``hidden`` (pooled
             target hidden state) or ``both``.
         selector_width: hidden width of the selector MLP.
-        selector_prior: start the selector from FuseLLM's CE ranking (logits = MLP + s * (mean CE - CE_k), MLP
-            output zero at init) so its first choices are min_ce's; False = a plain randomly initialised MLP.
+        selector_prior: start the selector from the sources' CE ranking (logits = MLP + s * (mean CE - CE_k), MLP
+            output zero at init: gate softmax(-CE), softmax_ce's weights) so its first choices are min_ce's; False = a plain randomly initialised MLP.
             Used whenever the selector sees rewards (``selector_features`` rewards or both).
         clm_weight: lambda, weight of the causal-LM loss on gold tokens, in [0, 1].
         distill_loss: divergence D: ``forward_kl`` (soft-target CE), ``reverse_kl`` or ``jsd``.

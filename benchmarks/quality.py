@@ -7,7 +7,7 @@ World: the embedded demo's 3 real-text domains (python stdlib source, licences, 
 frozen sources sharing its tokenizer: the demo's 3 specialists and its ``weak`` source, plus four built here with
 the demo's own trainer and cached next to the demo assets: ``weak_s1`` (10 steps on the mixed domains, another
 seed), ``general`` (a mediocre generalist: 20% of a specialist's steps on the mixed domains; close enough to the
-specialists in CE that avg_ce gives it real weight), ``c_headers`` and ``manpages`` (specialists on off-domain
+specialists in CE that softmax_ce gives it real weight), ``c_headers`` and ``manpages`` (specialists on off-domain
 machine text: /usr/include/**/*.h and /usr/share/man/man?/*.gz, half a specialist's steps).
 The sources run once over the corpus (``lightning_fuse.precompute``, offline cache); every fit reads that cache.
 
@@ -72,6 +72,7 @@ METHODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
     "uniform": ({"strategy": "uniform"}, None),
     "min_ce": ({"strategy": "min_ce"}, None),
     "avg_ce": ({"strategy": "avg_ce"}, None),
+    "softmax_ce": ({"strategy": "softmax_ce"}, None),
     "adaptive k1 b0 (no prior)": ({"strategy": "adaptive", "top_k": 1, "selector_prior": False}, {"beta": 0.0}),
     "adaptive k1 b0": ({"strategy": "adaptive", "top_k": 1}, {"beta": 0.0}),
     "adaptive k2 b0": ({"strategy": "adaptive", "top_k": 2}, {"beta": 0.0}),
@@ -85,6 +86,8 @@ FAST_METHODS = ("clm", "uniform", "adaptive k1 b0", "oracle")
 # opt-in rows (``--methods``), not in the default run
 EXTRA_METHODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
     "adaptive thr0.3 b0": ({"strategy": "adaptive", "threshold": 0.3}, {"beta": 0.0}),
+    "adaptive k2 b0 (T = 2)": ({"strategy": "adaptive", "top_k": 2, "temperature": 2.0}, {"beta": 0.0}),
+    "oracle (T = 2)": ({"strategy": "uniform", "oracle": True, "temperature": 2.0}, None),
     "adaptive k1 b0 (no prior, warm-up 100)": (
         {"strategy": "adaptive", "top_k": 1, "selector_prior": False, "selector_warmup_steps": 100}, {"beta": 0.0}),
     "adaptive k2 b0 (hidden, warm-up 100)": (
@@ -429,7 +432,7 @@ def plot(agg: dict[str, Any], methods: list[str], path: Path) -> None:
     ax = axes[0]
     means = [agg["rows"][m]["interference"][0] for m in rows]
     stds = [agg["rows"][m]["interference"][1] for m in rows]
-    colors = ["#888" if m in ("clm", "oracle") else "#d62728" if m in ("uniform", "avg_ce", "min_ce") else "#1f77b4"
+    colors = ["#888" if m in ("clm", "oracle") else "#d62728" if m in ("uniform", "avg_ce", "softmax_ce", "min_ce") else "#1f77b4"
               for m in rows]
     ax.bar(range(len(rows)), means, yerr=stds, color=colors, capsize=3)
     for i, s in enumerate(agg["seeds"]):
@@ -530,7 +533,10 @@ def main(argv: list[str] | None = None) -> int:
 def _pairs(methods: list[str]) -> list[tuple[str, str]]:
     adaptive = [m for m in methods if m.startswith("adaptive")]
     pairs = [(m, o) for m in adaptive for o in ("min_ce", "avg_ce", "uniform")]
+    pairs += [(m, "softmax_ce") for m in adaptive]
     pairs += [("min_ce", "uniform"), ("avg_ce", "uniform"), ("min_ce", "avg_ce"), ("uniform", "clm")]
+    pairs += [("softmax_ce", "avg_ce"), ("min_ce", "softmax_ce"), ("adaptive k2 b0 (T = 2)", "adaptive k2 b0"),
+              ("oracle (T = 2)", "oracle")]
     pairs += [("adaptive k1 b0 (no prior)", "adaptive k1 b0"), ("adaptive k2 b0", "adaptive k1 b0"),
               ("adaptive k2 cv2", "adaptive k2 b0"), ("adaptive k2 hinge", "adaptive k2 b0"),
               ("adaptive k2 b0 (both)", "adaptive k2 b0"), ("adaptive k2 b0 (hidden)", "adaptive k2 b0")]
@@ -601,7 +607,7 @@ def render(agg, methods, regime, assets, wall, runs, fast, command) -> str:
         lines += ["", "Selection share on held-out text (mean fusion weight, seed mean):", "",
                   "| method | domain | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         for m, per_domain in agg["shares"].items():
-            if m in ("clm", "uniform", "oracle"):
+            if m in ("clm", "uniform") or m.startswith("oracle"):
                 continue
             for d, row in per_domain.items():
                 lines.append(f"| {m} | {d} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |")

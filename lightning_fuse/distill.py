@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from lightning_fuse.logits import log_normalizers
+from lightning_fuse.student import StudentStats, student_stats
 
 if TYPE_CHECKING:
     from lightning_fuse.fusion import SparseDist
@@ -66,12 +66,12 @@ def tail_interval(teacher_logprobs: Tensor, valid: Tensor, vocab_size: int, temp
     mass over every tail of mass ``p_o`` spread on the ``V - m`` ids outside the support.
     """
     t = temperature
-    lp = teacher_logprobs.double().masked_fill(~valid, float("-inf"))
+    lp = teacher_logprobs.to(torch.promote_types(teacher_logprobs.dtype, torch.float32)).masked_fill(~valid, float("-inf"))
     log_s_unnorm = lp / t
     log_sum_t = torch.logsumexp(log_s_unnorm, -1)  # log sum_S p^(1/T)
     log_s = (log_s_unnorm - log_sum_t.unsqueeze(-1)).masked_fill(~valid, float("-inf"))
     log_p_o = _log1mexp(torch.logsumexp(lp, -1))  # -inf when the support holds all the mass
-    n = (vocab_size - valid.sum(-1)).clamp_min(0).double()
+    n = (vocab_size - valid.sum(-1)).clamp_min(0).to(lp.dtype)
     log_bucket = log_p_o / t
     log_even = (1.0 - 1.0 / t) * n.clamp_min(1).log() + log_p_o / t
     r_bucket = torch.sigmoid(log_bucket - log_sum_t)
@@ -91,8 +91,9 @@ def _jsd_slope(r: Tensor, s: Tensor, log_s: Tensor, q: Tensor, q_o: Tensor) -> T
 
 @torch.no_grad()
 def _best_r(kind: str, log_s: Tensor, r_lo: Tensor, r_hi: Tensor, log_q: Tensor, log_q_o: Tensor) -> Tensor:
-    """The minimiser over ``[r_lo, r_hi]`` of the coarse divergence (``[B, L]``, float64, no gradient)."""
-    log_q, log_q_o = log_q.double(), log_q_o.double()
+    """The minimiser over ``[r_lo, r_hi]`` of the coarse divergence (``[B, L]``, no gradient)."""
+    dtype = torch.promote_types(log_s.dtype, log_q.dtype)
+    log_s, r_lo, r_hi, log_q, log_q_o = (x.to(dtype) for x in (log_s, r_lo, r_hi, log_q, log_q_o))
     if kind == "reverse_kl":
         r = log_q_o.exp()
     elif kind == "forward_kl":
@@ -105,7 +106,8 @@ def _best_r(kind: str, log_s: Tensor, r_lo: Tensor, r_hi: Tensor, log_q: Tensor,
         lo, hi = r_lo.clone(), r_hi.clone()
         open_ = (hi > lo) & (lo < 1)
         if bool(open_.any()):
-            lo_, hi_ = lo.clamp(1e-300, 1 - 1e-16), hi.clamp(1e-300, 1 - 1e-16)
+            info = torch.finfo(dtype)
+            lo_, hi_ = lo.clamp(info.tiny, 1 - info.eps), hi.clamp(info.tiny, 1 - info.eps)
             for _ in range(_BISECTION_STEPS):
                 mid = 0.5 * (lo_ + hi_)
                 up = _jsd_slope(mid, s, log_s, q, q_o) > 0  # minimum to the left of mid
@@ -125,7 +127,6 @@ def distill_loss(
     temperature: float = 1.0,
     student_logprobs: Tensor | None = None,
     chunk_size: int | None = None,
-    normalizers: tuple[Tensor, Tensor, Tensor | None] | None = None,
 ) -> Tensor:
     """Mean tempered divergence between the sparse teacher ``P`` and the student ``Q`` where ``mask`` is True.
 
@@ -140,9 +141,7 @@ def distill_loss(
             tightest lower bound of the dense one that the teacher's support and tail mass allow (module docstring).
         student_logprobs: ``log_softmax(student_logits)``, accepted in place of the logits (same result: the
             student's normalisers are recomputed chunk by chunk either way).
-        chunk_size: positions per chunk for the student's normalisers (``lightning_fuse.logits.log_normalizers``).
-        normalizers: ``log_normalizers(student_logits, temperature, teacher.ids)`` if the caller already has them
-            (the module computes them once for the CE and the distillation).
+        chunk_size: positions per chunk for the student's statistics (``lightning_fuse.student.student_stats``).
 
     Returns:
         A scalar; 0 (with a gradient path) if ``mask`` is all False.
@@ -151,15 +150,24 @@ def distill_loss(
         raise ValueError(f"`distill_loss` can be {', '.join(DISTILL_LOSSES)}, got {kind!r}.")
     if not temperature > 0:
         raise ValueError(f"`temperature` must be > 0, got {temperature}.")
-    t = float(temperature)
     z = student_logprobs if student_logprobs is not None else student_logits
+    stats = student_stats(z, teacher.ids, temperature, teacher.ids, chunk_size=chunk_size)
+    return sparse_divergence(stats, teacher, mask, kind, temperature, z.shape[-1])
+
+
+def sparse_divergence(
+    stats: StudentStats, teacher: SparseDist, mask: Tensor, kind: DistillLoss, temperature: float, vocab_size: int
+) -> Tensor:
+    """``distill_loss`` from the student's statistics: ``stats.picked`` holds the logits at ``teacher.ids`` and
+    ``stats.log_z_out`` excludes them (``student_stats(z, teacher.ids, T, teacher.ids)``)."""
+    if kind not in DISTILL_LOSSES:
+        raise ValueError(f"`distill_loss` can be {', '.join(DISTILL_LOSSES)}, got {kind!r}.")
+    t = float(temperature)
     valid = teacher.ids >= 0
-    _, log_z_t, log_z_out = normalizers if normalizers is not None else log_normalizers(z, t, teacher.ids, chunk_size)
-    z_sup = z.gather(-1, teacher.ids.clamp_min(0)).to(log_z_t.dtype)
-    log_q = (z_sup / t - log_z_t.unsqueeze(-1)).masked_fill(~valid, float("-inf"))
-    log_q_o = log_z_out - log_z_t
-    log_s, r_lo, r_hi = tail_interval(teacher.logprobs.detach(), valid, z.shape[-1], t)
-    r = _best_r(kind, log_s, r_lo, r_hi, log_q.detach(), log_q_o.detach())
+    log_q = (stats.picked / t - stats.log_z_t.unsqueeze(-1)).masked_fill(~valid, float("-inf"))
+    log_q_o = stats.log_z_out - stats.log_z_t
+    log_s, r_lo, r_hi = tail_interval(teacher.logprobs.detach(), valid, vocab_size, t)
+    r = _best_r(kind, log_s, r_lo, r_hi, log_q.detach(), log_q_o.detach()).to(log_s.dtype)
     log_p = torch.cat([log_s + torch.log1p(-r).unsqueeze(-1), r.log().unsqueeze(-1)], -1).to(log_q.dtype)
     log_q_all = torch.cat([log_q, log_q_o.unsqueeze(-1)], -1)
     p, q = log_p.exp(), log_q_all.exp()

@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric
 
 from lightning_fuse.alignment.aligner import AlignedBatch
 from lightning_fuse.callbacks import SelectionFeedback
+from lightning_fuse.distill import sparse_divergence
 from lightning_fuse.fusion import (
     DISTILL_LOSSES,
     STRATEGIES,
@@ -28,14 +29,13 @@ from lightning_fuse.fusion import (
     SparseDist,
     Strategy,
     baseline_weights,
-    distill_loss,
     fuse,
     gold_next_tokens,
     mixture_nll,
     next_token_mask,
     sequence_ce,
 )
-from lightning_fuse.logits import log_normalizers
+from lightning_fuse.logits import plain_lm_head
 from lightning_fuse.selector import Selection, Selector, SelectorFeatures
 from lightning_fuse.sources import (
     DType,
@@ -47,6 +47,7 @@ from lightning_fuse.sources import (
     resolve_path,
     tokenizer_fingerprint,
 )
+from lightning_fuse.student import StudentStats, chunked_argmax, student_stats
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,8 @@ class FusionModule(pl.LightningModule):
         selector_features: what the selector sees: ``rewards`` (exp(-CE) of every source), ``hidden`` (pooled
             target hidden state) or ``both``.
         selector_width: hidden width of the selector MLP.
-        selector_prior: start the selector from FuseLLM's CE ranking (logits = MLP + s * (mean CE - CE_k), MLP
-            output zero at init) so its first choices are min_ce's; False = a plain randomly initialised MLP.
+        selector_prior: start the selector from the sources' CE ranking (logits = MLP + s * (mean CE - CE_k), MLP
+            output zero at init: gate softmax(-CE), softmax_ce's weights) so its first choices are min_ce's; False = a plain randomly initialised MLP.
             Used whenever the selector sees rewards (``selector_features`` rewards or both).
         clm_weight: lambda, weight of the causal-LM loss on gold tokens, in [0, 1].
         distill_loss: divergence D: ``forward_kl`` (soft-target CE), ``reverse_kl`` or ``jsd``.
@@ -414,25 +415,20 @@ class FusionModule(pl.LightningModule):
         mask = next_token_mask(labels)
         gold = gold_next_tokens(labels)
         want_hidden = self.needs_hidden_states
-        out = self.target(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=want_hidden
-        )
-        logits = out.logits  # [B, L, V], never copied to float32 as a whole (lightning_fuse.logits)
-        hidden = out.hidden_states[-1] if want_hidden else None
-        gold_logit = logits.gather(-1, gold.unsqueeze(-1)).squeeze(-1).float()
+        inputs, head, hidden = self._target_forward(batch, want_hidden)
         result: dict[str, Any] = {"mask": mask}
         if stage != "train":  # only evaluation reads the target's accuracy
-            result["target_correct"] = (logits.detach().argmax(-1) == gold) & mask
+            result["target_correct"] = (chunked_argmax(inputs.detach(), *head) == gold) & mask
 
-        def finish_clm(log_z: Tensor) -> Tensor:
-            target_logprob = (gold_logit - log_z) * mask
+        def finish_clm(stats: StudentStats) -> Tensor:
+            target_logprob = (stats.picked[..., 0] - stats.log_z) * mask
             result["target_ce"] = sequence_ce(target_logprob.detach(), mask)
             result["clm"] = -target_logprob.sum() / mask.sum().clamp_min(1)
             return result["clm"]
 
         run_sources = self.sources_needed and (h.strategy != "clm" or stage != "train")
         if not run_sources:
-            result["loss"] = finish_clm(log_normalizers(logits)[0])
+            result["loss"] = finish_clm(student_stats(inputs, gold.unsqueeze(-1), head_weight=head[0], head_bias=head[1]))
             return result
         ran = None
         warmup = stage == "train" and h.strategy == "adaptive" and self.global_step < h.selector_warmup_steps
@@ -447,16 +443,18 @@ class FusionModule(pl.LightningModule):
             selection = self.fusion_weights(outputs, features)
         result.update(source_ce=torch.stack([o.ce for o in outputs], -1), selection=selection, outputs=outputs)
         if h.strategy == "clm":
-            result["loss"] = finish_clm(log_normalizers(logits)[0])
+            result["loss"] = finish_clm(student_stats(inputs, gold.unsqueeze(-1), head_weight=head[0], head_bias=head[1]))
             return result
         weights = selection.weights
         if warmup:  # distil the CE ranking's top-K while the selector learns (it still gets its own loss below)
             weights = self.selector.select(-result["source_ce"].float()).weights
         teacher = self.fuse_distributions(outputs, weights.detach())
-        # one chunked pass over the vocabulary gives the CE's and the distillation's normalisers
-        normalizers = log_normalizers(logits, h.temperature, teacher.ids)
-        clm = finish_clm(normalizers[0])
-        kd = distill_loss(logits, teacher, mask, h.distill_loss, h.temperature, normalizers=normalizers)
+        # one chunked pass over the vocabulary gives the CE's and the distillation's statistics
+        pick = torch.cat([gold.unsqueeze(-1), teacher.ids], -1)
+        stats = student_stats(inputs, pick, h.temperature, teacher.ids, head_weight=head[0], head_bias=head[1])
+        clm = finish_clm(stats)
+        kd_stats = StudentStats(stats.log_z, stats.log_z_t, stats.log_z_out, stats.picked[..., 1:])
+        kd = sparse_divergence(kd_stats, teacher, mask, h.distill_loss, h.temperature, vocab_size=self._vocab_size(head, inputs))
         loss = h.clm_weight * clm + (1.0 - h.clm_weight) * kd
         result["kd"] = kd
         if h.strategy == "adaptive":
@@ -469,6 +467,23 @@ class FusionModule(pl.LightningModule):
                 loss = loss + feedback.beta * result["feedback"]
         result["loss"] = loss
         return result
+
+    def _target_forward(self, batch: dict[str, Tensor], want_hidden: bool) -> tuple[Tensor, tuple, Tensor | None]:
+        """``(inputs, (head_weight, head_bias), hidden)``: the target's last hidden state and its LM head, so that the
+        losses apply the head one chunk of positions at a time (no ``[B, L, V]`` logits; ``lightning_fuse.student``);
+        or, for a target whose logits are post-processed or that is FSDP-sharded, its logits and ``(None, None)``."""
+        head = None if getattr(self, "_sharded", False) else plain_lm_head(self.target)
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "output_hidden_states": want_hidden}
+        out = self.target.base_model(**kwargs) if head is not None else self.target(**kwargs)
+        hidden = out.hidden_states[-1] if want_hidden else None
+        if head is None:
+            return out.logits, (None, None), hidden
+        return out[0], (head.weight, head.bias), hidden
+
+    @staticmethod
+    def _vocab_size(head: tuple, inputs: Tensor) -> int:
+        return inputs.shape[-1] if head[0] is None else head[0].shape[0]
 
     @property
     def feedback(self) -> SelectionFeedback | None:

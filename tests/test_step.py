@@ -70,13 +70,14 @@ def test_forward_kl_at_t1_equals_the_hand_written_coarse_divergence(tiny_world):
 def test_training_step_skips_argmax_and_hidden_states_it_does_not_need(tiny_world):
     module = _module(tiny_world, ["words", "sums"], strategy="adaptive", selector_features="rewards")
     calls = []
-    forward = module.target.forward
+    base = module.target.base_model  # the step runs the decoder and applies the LM head per chunk itself
+    forward = base.forward
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("output_hidden_states"))
         return forward(*args, **kwargs)
 
-    module.target.forward = spy
+    base.forward = spy
     batch = _batch(module)
     train = module._step(batch, "train")
     assert "target_correct" not in train and calls == [False]
@@ -140,3 +141,21 @@ def test_gradient_checkpointing_keeps_losses_and_gradients(tiny_world):
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_chunked_head_gradients_equal_the_full_logits_gradients(tiny_world, t):
+    """The step applies the LM head per chunk (custom backward); the target's gradients (LM head / tied
+    embedding included) equal those of the same loss on HF's full logits."""
+    module = _module(tiny_world, ["words", "sums"], strategy="avg_ce", temperature=t)
+    batch = _batch(module, seed=2)
+    r = module._step(batch, "train")
+    r["loss"].backward()
+    fused = {n: p.grad.clone() for n, p in module.target.named_parameters() if p.grad is not None}
+    module.target.zero_grad(set_to_none=True)
+    clm, kd = _reference(module, batch, r)  # float64 from HF's logits, autograd all the way
+    (0.5 * clm + 0.5 * kd).backward()
+    reference = {n: p.grad for n, p in module.target.named_parameters() if p.grad is not None}
+    assert fused.keys() == reference.keys() and any("embed" in n or "lm_head" in n for n in fused)
+    for name in fused:
+        torch.testing.assert_close(fused[name], reference[name].to(fused[name].dtype), rtol=1e-4, atol=1e-6)

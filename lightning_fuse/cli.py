@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 from unittest import mock
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_fuse.data import TextDataModule
-from lightning_fuse.errors import condense_usage_error, error_line, verbose_requested
+from lightning_fuse.errors import VERBOSE_ENV, condense_usage_error, error_line, verbose_requested
 from lightning_fuse.module import FusionModule
 
 log = logging.getLogger(__name__)
@@ -147,10 +149,12 @@ def main(argv: list[str] | None = None, exit_on_error: bool | None = None) -> No
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in args or verbose_requested()
     args = [a for a in args if a != "--verbose"]
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # processes launched by the strategy (DDP) rerun the command without the flag
     if exit_on_error is None:
         exit_on_error = argv is None
     try:
-        _main(args)
+        _main(args, from_command_line=argv is None)
     except KeyboardInterrupt:
         if verbose or not exit_on_error:
             raise
@@ -163,15 +167,19 @@ def main(argv: list[str] | None = None, exit_on_error: bool | None = None) -> No
         sys.exit(1)
 
 
-def _main(args: list[str]) -> None:
+def _main(args: list[str], from_command_line: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     quiet_noise()
     if args and args[0] in COMMANDS:
         _run_command(args[0], args[1:])
         return
-    # LightningCLI gets the arguments explicitly (without --verbose); it would warn that it also sees sys.argv
-    with mock.patch.object(sys, "argv", sys.argv[:1]):
-        FuseCLI(FusionModule, TextDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args,
+    if from_command_line:  # LightningCLI reads sys.argv (DDP relaunches the script with it): without --verbose
+        sys.argv[1:] = args
+        cli_args, argv_patch = None, contextlib.nullcontext()
+    else:  # from Python with explicit args: the host's own sys.argv is not ours (LightningCLI would warn)
+        cli_args, argv_patch = args, mock.patch.object(sys, "argv", sys.argv[:1])
+    with argv_patch:
+        FuseCLI(FusionModule, TextDataModule, subclass_mode_model=True, subclass_mode_data=True, args=cli_args,
                 save_config_kwargs={"overwrite": True}, parser_class=FuseArgumentParser)
 
 

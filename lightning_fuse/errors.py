@@ -58,6 +58,17 @@ def _from_library(err: BaseException) -> bool:
     return last is not None and os.path.abspath(last.tb_frame.f_code.co_filename).startswith(PACKAGE_DIR)
 
 
+_BUG_TYPES = (AttributeError, NameError, AssertionError, ZeroDivisionError, IndexError, KeyError)
+
+
+def _message(err: BaseException) -> str | None:
+    """The message of an error the library raised on purpose (a sentence), None for what looks like a bug."""
+    if isinstance(err, _BUG_TYPES):
+        first = err.args[0] if err.args else None
+        return first.strip() if isinstance(first, str) and " " in first.strip() else None
+    return str(err).strip() or None
+
+
 def _os_line(err: OSError) -> str | None:
     if err.errno not in _OS_FIXES:
         return None
@@ -104,8 +115,8 @@ def error_line(err: BaseException) -> str:
             return (f"writing a file failed ({_first_lines(str(e), 1)}): usually a full disk. "
                     f"{_OS_FIXES[errno.ENOSPC][1]}.")
     for e in errors:  # the outermost error the library raised names the problem and the fix
-        if _from_library(e) and str(e).strip():
-            return _first_lines(_union_problems(str(e)) or str(e))
+        if _from_library(e) and (text := _message(e)):
+            return _first_lines(_union_problems(text) or text)
     for e in errors:
         if (problems := _union_problems(str(e))) is not None:
             return _first_lines(problems)

@@ -281,11 +281,13 @@ class FusionModule(pl.LightningModule):
         problems = [
             f"{key} {saved[key]!r} (now {h.get(key)!r})"
             for key in self._FIXED_ON_RESUME
-            if key in saved and saved[key] != h.get(key)
+            if key in saved and not _same_setting(saved[key], h.get(key))
         ]
         now = [(s.name, s.path) for s in self.source_specs]
         before = [(s["name"], s["path"]) for s in old_specs]
-        if now[: len(before)] != before:
+        if len(now) < len(before) or any(
+            a[0] != b[0] or not _same_setting(a[1], b[1]) for a, b in zip(now, before)
+        ):
             problems.append(f"sources {[n for n, _ in before]} (now {[n for n, _ in now]}; paths must match too)")
         if problems:
             raise ValueError(
@@ -684,6 +686,19 @@ class FusionModule(pl.LightningModule):
         warmup = max(h.warmup_steps, 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal settings; two spellings of the same local path (relative, ``~``, symlink) are equal too."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str):
+        pa, pb = resolve_path(a), resolve_path(b)
+        try:
+            return os.path.exists(pa) and os.path.exists(pb) and os.path.samefile(pa, pb)
+        except OSError:
+            return False
+    return False
 
 
 def _scatter_rows(sub: SourceOutput | None, idx: Tensor, shape: torch.Size, k: int) -> SourceOutput:

@@ -280,7 +280,9 @@ class FrozenSource:
         elif isinstance(aligned, dict):
             aligned = AlignedBatch.from_dict(aligned)
         aligned = aligned.to(self.device)
-        logits = self.model(input_ids=aligned.src_ids, attention_mask=aligned.src_mask.long()).logits
+        # The source ids are right-padded: under causal attention no real token sees a pad, so no attention mask is
+        # needed (the outputs at real tokens are the same) and the model keeps its fast causal path.
+        logits = self.model(input_ids=aligned.src_ids).logits
         out, mass, n_aligned = carry_over(
             logits, aligned, self.aligner.vocab_map, self.aligner.vocab_kind, labels, top_k, vocab_size
         )

@@ -192,3 +192,16 @@ def test_rows_of_different_source_lengths_equal_one_row_at_a_time(tokenizers):
         torch.testing.assert_close(both.ce[r : r + 1], one.ce, rtol=0, atol=1e-5)
         torch.testing.assert_close(both.gold_logprob[r : r + 1], one.gold_logprob, rtol=0, atol=1e-5)
         torch.testing.assert_close(both.dist.logprobs[r : r + 1], one.dist.logprobs, rtol=0, atol=1e-5)
+
+
+def test_head_per_chunk_equals_reduction_of_the_logits():
+    from lightning_fuse.alignment.carry import reduce_hidden
+
+    torch.manual_seed(0)
+    hidden, head = torch.randn(2, 9, 16), torch.nn.Linear(16, 40, bias=False)
+    src_ids = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        a = reduce_logits(head(hidden), src_ids, 5)
+        b = reduce_hidden(hidden, head, src_ids, 5, chunk_elements=80)  # two positions per chunk
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)

@@ -1,13 +1,16 @@
 """Peak memory of reducing a cross-tokenizer source's logits to its output (issue 11, item 6).
 
-Each variant runs in a fresh subprocess on the same random logits ``[B, M, V]`` (float32, e.g. Gemma's 262k
-vocabulary) and reports the peak memory on top of the logits themselves (peak RSS on CPU, or
-``torch.cuda.max_memory_allocated`` with ``--device cuda``):
+Each variant runs in a fresh subprocess on the same random last hidden states ``[B, M, 576]`` and LM head (e.g.
+Gemma's 262k vocabulary) and reports the peak memory of going from them to the source's output (peak RSS on CPU,
+or ``torch.cuda.max_memory_allocated`` with ``--device cuda``):
 
-- ``dense``: the previous code: a dense float32 log-softmax, then the gold log-prob read by gathering a second
-  dense ``[B, L, V]`` tensor;
-- ``chunked``: `lightning_fuse.alignment.carry.carry_over` (log-normalisers, top-k and the gold log-prob read from
-  the logits in chunks of positions: no second dense tensor).
+- ``dense``: the previous code: the logits, a dense float32 log-softmax, then the gold log-prob read by gathering
+  a second dense ``[B, L, V]`` tensor;
+- ``chunked logits``: the logits, then `lightning_fuse.alignment.carry.carry_over` (log-normalisers, top-k and the
+  gold log-prob read from the logits in chunks of positions: no other dense tensor) - models that post-process
+  their logits (Gemma-2's soft-capping);
+- ``chunked head``: `reduce_hidden` + `carry_reduced`: the LM head applied per chunk of positions, no
+  ``[B, L, V]`` tensor at all (the default for plain LM heads).
 
 Usage::
 
@@ -41,13 +44,14 @@ def _dense(logits, aligned, labels, top_k):
     return lp, top_ids, gold, next_token_mask(labels)
 
 
-def _run(variant: str, b: int, m: int, v: int, device: str) -> dict:
+def _run(variant: str, b: int, m: int, v: int, device: str, width: int = 576) -> dict:
     from lightning_fuse.alignment.aligner import AlignedBatch
-    from lightning_fuse.alignment.carry import carry_over
+    from lightning_fuse.alignment.carry import carry_over, carry_reduced, reduce_hidden
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    logits = torch.randn(b, m, v, device=dev)
+    hidden = torch.randn(b, m, width, device=dev)
+    head = torch.nn.Linear(width, v, bias=False).to(dev).requires_grad_(False)
     length = m  # target positions ~ source positions
     aligned = AlignedBatch(
         src_ids=torch.randint(0, v, (b, m), device=dev), src_mask=torch.ones(b, m, dtype=torch.bool, device=dev),
@@ -64,16 +68,20 @@ def _run(variant: str, b: int, m: int, v: int, device: str) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if variant == "dense":
-        _dense(logits, aligned, labels, 10)
-    else:
-        carry_over(logits, aligned, vocab_map, kind, labels, 10, v)
+    with torch.no_grad():
+        if variant == "dense":
+            _dense(head(hidden), aligned, labels, 10)
+        elif variant == "chunked logits":
+            carry_over(head(hidden), aligned, vocab_map, kind, labels, 10, v)
+        else:
+            reduced = reduce_hidden(hidden, head, aligned.src_ids, 10)
+            carry_reduced(*reduced, aligned, vocab_map, kind, labels, v)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"variant": variant, "logits_gb": logits.numel() * 4 / 1e9, "extra_peak_gb": peak / 1e9}
+    return {"variant": variant, "logits_gb": b * m * v * 4 / 1e9, "extra_peak_gb": peak / 1e9}
 
 
 def main() -> None:
@@ -87,13 +95,14 @@ def main() -> None:
     if a.variant:
         print(json.dumps(_run(a.variant, a.batch, a.length, a.vocab, a.device)))
         return
-    print(f"B={a.batch} M=L={a.length} V={a.vocab} on {a.device}: peak memory beyond the float32 logits")
-    for variant in ("dense", "chunked"):
+    print(f"B={a.batch} M=L={a.length} V={a.vocab} on {a.device}: peak memory of the reduction, from the last "
+          "hidden states on (float32 logits would be {:.2f} GB)".format(a.batch * a.length * a.vocab * 4 / 1e9))
+    for variant in ("dense", "chunked logits", "chunked head"):
         out = subprocess.run([sys.executable, __file__, "--variant", variant, "--batch", str(a.batch), "--length",
                               str(a.length), "--vocab", str(a.vocab), "--device", a.device],
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"  {variant:8s} logits {r['logits_gb']:.2f} GB, extra peak {r['extra_peak_gb']:.2f} GB")
+        print(f"  {variant:15s} peak {r['extra_peak_gb']:.2f} GB")
 
 
 if __name__ == "__main__":

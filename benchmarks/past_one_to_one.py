@@ -37,7 +37,14 @@ def _projection(aligner: TokenAligner) -> torch.Tensor:
     """source id -> the first target token of its string (exact map for special tokens and empty strings)."""
     strings = aligner._src_norm
     proj = aligner.vocab_map.clone()
-    todo = [i for i, s in enumerate(strings) if s and aligner.vocab_kind[i] != 1]
+    def text(s: str) -> bool:  # a partial UTF-8 character (a lone surrogate) is no text to tokenise
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return bool(s)
+
+    todo = [i for i, s in enumerate(strings) if text(s) and aligner.vocab_kind[i] != 1]
     for start in range(0, len(todo), 8192):
         chunk = todo[start : start + 8192]
         for i, (ids, _) in zip(chunk, aligner._tgt_encode([strings[i] for i in chunk])):

@@ -68,6 +68,46 @@ def _fit(target: str, spec: SourceSpec, data: str, args, inline: bool) -> list[f
     return timer.times()
 
 
+def _forward_only(folders: dict[str, str], tgt_tok, src_tok, blocks, args) -> None:
+    """The source forward alone (output reduction included), interleaved rounds: same-tokenizer, cross-tokenizer
+    with the alignment given (as from the DataLoader), cross-tokenizer aligning in the call."""
+    from lightning_fuse.sources import FrozenSource, SourceSpec, load_causal_lm
+
+    dev = torch.device(args.device)
+    same = FrozenSource(SourceSpec("same", folders["same"]), load_causal_lm(folders["same"], "same"), tgt_tok, False)
+    cross = FrozenSource(SourceSpec("cross", folders["cross"]), load_causal_lm(folders["cross"], "cross"), src_tok,
+                         False)
+    same.to(dev), cross.to(dev)
+    cross.attach_aligner(tgt_tok)
+    ids = blocks.to(dev)
+    mask = torch.ones_like(ids)
+    aligned = cross.aligner.align_batch(blocks).as_dict()
+    runs = {
+        "same": lambda: same.forward(ids, mask, ids, 10, len(tgt_tok)),
+        "cross, aligned by the DataLoader": lambda: cross.forward(ids, mask, ids, 10, len(tgt_tok), aligned),
+        "cross, aligned in the call": lambda: cross.forward(ids, mask, ids, 10, len(tgt_tok)),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.rounds):
+        for name, fn in runs.items():
+            fn()
+            for _ in range(args.steps):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+    print("| source forward | median ms | p25-p75 | vs same |")
+    print("|---|---|---|---|")
+    base = statistics.median(times["same"])
+    for name, t in times.items():
+        q = statistics.quantiles(t, n=4)
+        print(f"| {name} | {statistics.median(t) * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[2] * 1e3:.1f} | "
+              f"{statistics.median(t) / base - 1:+.1%} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -80,6 +120,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--source-style", default="byte_level", choices=["byte_level", "metaspace"])
+    parser.add_argument("--forward-only", action="store_true", help="only time the source forward passes")
     args = parser.parse_args()
     torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
     pl.seed_everything(0, verbose=False)
@@ -119,6 +160,9 @@ def main() -> None:
         aligner.align_batch(blocks)
     align_ms = (time.perf_counter() - t0) / 5 * 1e3
     print(f"align_batch of one {args.batch} x {args.length} batch: {align_ms:.1f} ms (now in the DataLoader)")
+    _forward_only(folders, tgt_tok, src_tok, blocks, args)
+    if args.forward_only:
+        return
     times: dict[str, list[float]] = {k: [] for k in configs}
     for r in range(args.rounds):
         for name, (spec, inline) in configs.items():

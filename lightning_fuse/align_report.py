@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -56,7 +56,7 @@ def align_report(
     source: str | list[str] | None = None,
     target: str | None = None,
     text: str | None = None,
-    alignment: str = "min_ed",
+    alignment: Literal["exact", "min_ed"] = "min_ed",
     block_size: int = 256,
     max_blocks: int = 32,
     batch_size: int = 4,

@@ -270,18 +270,28 @@ class FrozenSource:
         positions and vocabulary (`lightning_fuse.alignment.carry.carry_over`); unaligned positions fall back to
         one-hot on the gold token (and are counted). ``aligned``: the batch's alignment when the DataLoader
         already computed it (see `lightning_fuse.data.AlignCollate`), else it is computed here."""
-        from lightning_fuse.alignment.carry import carry_over
+        from lightning_fuse.alignment.carry import carry_reduced, reduce_hidden, reduce_logits
+        from lightning_fuse.logits import plain_lm_head
 
         if aligned is None:
             aligned = self.aligner.align_batch(input_ids.cpu(), attention_mask.cpu())
         elif isinstance(aligned, dict):
             aligned = AlignedBatch.from_dict(aligned)
         aligned = aligned.to(self.device)
-        logits = self.model(input_ids=aligned.src_ids, attention_mask=aligned.src_mask.long()).logits
-        out, mass, n_aligned = carry_over(
-            logits, aligned, self.aligner.vocab_map, self.aligner.vocab_kind, labels, top_k, vocab_size
+        # The source ids are right-padded: under causal attention no real token sees a pad, so no attention mask is
+        # needed (the outputs at real tokens are the same) and the model keeps its fast causal path.
+        head = plain_lm_head(self.model)
+        if head is not None:  # the LM head runs per chunk of positions: no [B, M, V_src] logits
+            hidden = self.model.base_model(input_ids=aligned.src_ids)[0]
+            reduced = reduce_hidden(hidden, head, aligned.src_ids, top_k)
+            del hidden
+        else:
+            logits = self.model(input_ids=aligned.src_ids).logits
+            reduced = reduce_logits(logits, aligned.src_ids, top_k)
+            del logits
+        out, mass, n_aligned = carry_reduced(
+            *reduced, aligned, self.aligner.vocab_map, self.aligner.vocab_kind, labels, vocab_size
         )
-        del logits
         self.mass.add(mass)
         self.aligned_positions += n_aligned
         self.counted_positions += int(next_token_mask(labels).sum())

@@ -178,3 +178,30 @@ def test_carry_over_chunked_equals_unchunked(tokenizers):
     for a, b in ((small.dist.logprobs, big.dist.logprobs), (small.gold_logprob, big.gold_logprob), (small.ce, big.ce)):
         torch.testing.assert_close(a, b)
     assert torch.equal(small.dist.ids, big.dist.ids)
+
+
+def test_rows_of_different_source_lengths_equal_one_row_at_a_time(tokenizers):
+    """Source ids are right-padded to the longest row; the padding changes nothing at the real tokens."""
+    gpt2, llama, llama_bos = tokenizers
+    source = _source(llama_bos, gpt2, seed=2)
+    a, b = _ids(gpt2, "hello world hello world"), _ids(gpt2, "hello\nworld hello")  # 7 and 5 source tokens
+    both = source.forward(torch.tensor([a, b]), torch.ones(2, 4, dtype=torch.long), torch.tensor([a, b]), 5, len(gpt2))
+    for r, ids in enumerate((a, b)):
+        t = torch.tensor([ids])
+        one = source.forward(t, torch.ones_like(t), t, 5, len(gpt2))
+        torch.testing.assert_close(both.ce[r : r + 1], one.ce, rtol=0, atol=1e-5)
+        torch.testing.assert_close(both.gold_logprob[r : r + 1], one.gold_logprob, rtol=0, atol=1e-5)
+        torch.testing.assert_close(both.dist.logprobs[r : r + 1], one.dist.logprobs, rtol=0, atol=1e-5)
+
+
+def test_head_per_chunk_equals_reduction_of_the_logits():
+    from lightning_fuse.alignment.carry import reduce_hidden
+
+    torch.manual_seed(0)
+    hidden, head = torch.randn(2, 9, 16), torch.nn.Linear(16, 40, bias=False)
+    src_ids = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        a = reduce_logits(head(hidden), src_ids, 5)
+        b = reduce_hidden(hidden, head, src_ids, 5, chunk_elements=80)  # two positions per chunk
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)

@@ -205,6 +205,7 @@ class TokenAligner:
         self._src_norm, self._src_bytes = self._tables(src_tokenizer)
         self._tgt_norm, self._tgt_bytes = self._tables(tgt_tokenizer)
         self._tgt_special = special_ids(tgt_tokenizer)
+        self._tgt_special_arr = np.asarray(sorted(self._tgt_special), dtype=np.int64)
         # A target control token with a role in the source too (the EOS that joins packed documents) is read as
         # the source's own token of that role; eos comes last in the pairs, so it wins ids shared by roles.
         self._role = {t: s for s, t in special_role_pairs(src_tokenizer, tgt_tokenizer)}
@@ -309,47 +310,52 @@ class TokenAligner:
         return [self._assemble(row, results, dtw) for row in items]
 
     def _items(self, ids: list[int]) -> list[tuple[str, list[int]]]:
+        """The row cut into runs of regular tokens and single control tokens."""
+        at = np.nonzero(np.isin(np.asarray(ids, dtype=np.int64), self._tgt_special_arr))[0].tolist()
         out: list[tuple[str, list[int]]] = []
-        for i in ids:
-            if i in self._tgt_special:
-                out.append(("special", [i]))
-            elif out and out[-1][0] == "run":
-                out[-1][1].append(i)
-            else:
-                out.append(("run", [i]))
+        start = 0
+        for i in [*at, len(ids)]:
+            if i > start:
+                out.append(("run", ids[start:i]))
+            if i < len(ids):
+                out.append(("special", [ids[i]]))
+            start = i + 1
         return out
 
     def _assemble(self, items, results, dtw: bool) -> AlignedBlock:
-        src: list[int] = list(self.src_prefix)
-        credit_of: list[int] = [-1] * len(src)  # per source token: the target token (index) it is credited to
-        pairs: list[tuple[int, int]] = []
-        tgt_covered: list[bool] = []
+        prefix = np.asarray(self.src_prefix, dtype=np.int64)
+        src, credit_of, pairs, covered = [prefix], [np.full(len(prefix), -1, dtype=np.int64)], [], []
+        n_src, n_tgt = len(prefix), 0
         method = "dtw" if dtw else "spans"
         for kind, ids in items:
-            t0 = len(tgt_covered)
             if kind == "special":
                 s = self._role.get(ids[0])
-                tgt_covered.append(s is not None)
+                covered.append(np.array([s is not None]))
                 if s is not None:  # the source's own token of that role, aligned 1:1
-                    pairs.append((t0, len(src)))
-                    credit_of.append(t0)
-                    src.append(s)
+                    pairs.append(np.array([[n_tgt, n_src]], dtype=np.int64))
+                    credit_of.append(np.array([n_tgt], dtype=np.int64))
+                    src.append(np.array([s], dtype=np.int64))
+                    n_src += 1
+                n_tgt += 1
                 continue
             run_src, run_pairs, run_credit, run_covered, run_method = next(results)
             if _METHOD_RANK[run_method] > _METHOD_RANK[method]:
                 method = run_method
-            pairs += [(int(i) + t0, int(k) + len(src)) for i, k in run_pairs]
-            credit_of += [int(c) + t0 if c >= 0 else -1 for c in run_credit]
-            tgt_covered += [bool(c) for c in run_covered]
-            src += [int(i) for i in run_src]
-        length = len(tgt_covered)
-        src_pos = [-1] * length
-        for i, k in pairs:
-            if i >= 1 and k >= 1:
-                src_pos[i - 1] = k - 1
-        src_credit = [c - 1 if j >= 1 and c >= 1 else -1 for j, c in enumerate(credit_of)]
-        covered = tgt_covered[1:] + [False] if length else []
-        return AlignedBlock(src, src_pos, method, src_credit, covered)
+            pairs.append(np.asarray(run_pairs, dtype=np.int64).reshape(-1, 2) + [n_tgt, n_src])
+            run_credit = np.asarray(run_credit, dtype=np.int64)
+            credit_of.append(np.where(run_credit >= 0, run_credit + n_tgt, -1))
+            covered.append(np.asarray(run_covered, dtype=bool))
+            src.append(np.asarray(run_src, dtype=np.int64))
+            n_src, n_tgt = n_src + len(run_src), n_tgt + len(ids)
+        pairs_arr = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
+        src_pos = np.full(n_tgt, -1, dtype=np.int64)
+        keep = (pairs_arr[:, 0] >= 1) & (pairs_arr[:, 1] >= 1)
+        src_pos[pairs_arr[keep, 0] - 1] = pairs_arr[keep, 1] - 1
+        cred = np.concatenate(credit_of)
+        src_credit = np.where((np.arange(len(cred)) >= 1) & (cred >= 1), cred - 1, -1)
+        cov = np.concatenate(covered) if covered else np.zeros(0, dtype=bool)
+        cov = np.append(cov[1:], False) if n_tgt else cov
+        return AlignedBlock(np.concatenate(src).tolist(), src_pos.tolist(), method, src_credit.tolist(), cov.tolist())
 
     def _target_spans(self, ids: list[int], text: str):
         """Byte spans of the target tokens in the text the source will read, that text, and whether the spans

@@ -1,12 +1,15 @@
 """Carry a source's logits over to the target: top-k distributions on target positions and ids, gold log-probs
 and a CE comparable with any other source's.
 
-Memory: the logits ``[B, M, V_src]`` are the only dense source tensor; log-normalisers, top-k and the log-prob of
-each source token are read from them in chunks of positions (at most ``chunk_elements`` float32 values at once).
+Memory: log-normalisers, top-k and the log-prob of each source token are read in chunks of positions (at most
+``chunk_elements`` float32 values at once, `lightning_fuse.logits`): from the LM head applied per chunk
+(`reduce_hidden`, no ``[B, M, V_src]`` tensor at all), or from the logits when the model post-processes them
+(`reduce_logits`: the logits are then the only dense source tensor).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +24,13 @@ from lightning_fuse.fusion import (
     merge_duplicates,
     next_token_mask,
 )
+from lightning_fuse.logits import DEFAULT_CHUNK_ELEMENTS, sparse_logprobs, sparse_logprobs_from_hidden
 
-__all__ = ["CHUNK_ELEMENTS", "MassShares", "carry_over", "reduce_logits"]
+__all__ = ["CHUNK_ELEMENTS", "MassShares", "carry_over", "carry_reduced", "reduce_hidden", "reduce_logits"]
 
-CHUNK_ELEMENTS = 1 << 26
-"""Default chunk of `reduce_logits`: 64M float32 values (256 MB), e.g. 8 x 32 positions of a 262k vocabulary."""
+CHUNK_ELEMENTS = DEFAULT_CHUNK_ELEMENTS
+"""Default chunk of `reduce_logits` / `reduce_hidden`: 16M float32 values (64 MiB), 64 positions of a 262k
+vocabulary."""
 
 
 @dataclass
@@ -47,28 +52,34 @@ class MassShares:
         return {k: (v / total if total else 0.0) for k, v in vars(self).items()}
 
 
+def _next_ids(src_ids: Tensor) -> Tensor:
+    nxt = torch.zeros_like(src_ids)
+    nxt[:, :-1] = src_ids[:, 1:]
+    return nxt
+
+
 def reduce_logits(
     logits: Tensor, src_ids: Tensor, top_k: int, chunk_elements: int = CHUNK_ELEMENTS
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k log-probs ``[B, M, k]``, their ids and the log-prob of each next source token ``[B, M]`` (position
-    ``j`` predicts ``src_ids[:, j + 1]``; 0 at the last position), never more than one chunk of float32 log-probs
-    beside the logits."""
-    b, m, v = logits.shape
-    k = min(top_k, v)
-    top_lp = torch.empty((b, m, k), dtype=torch.float32, device=logits.device)
-    top_ids = torch.empty((b, m, k), dtype=torch.long, device=logits.device)
-    next_lp = torch.zeros((b, m), dtype=torch.float32, device=logits.device)
-    nxt = torch.zeros_like(src_ids)
-    nxt[:, :-1] = src_ids[:, 1:]
-    step = max(1, chunk_elements // max(1, b * v))
-    for p0 in range(0, m, step):
-        x = logits[:, p0 : p0 + step].float()
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)
-        values, ids = x.topk(k, dim=-1)
-        top_lp[:, p0 : p0 + step] = values - lse
-        top_ids[:, p0 : p0 + step] = ids
-        next_lp[:, p0 : p0 + step] = (x.gather(-1, nxt[:, p0 : p0 + step, None]) - lse).squeeze(-1)
-        del x, lse, values, ids
+    ``j`` predicts ``src_ids[:, j + 1]``; 0 at the last position), read from the logits in chunks of positions
+    (`lightning_fuse.logits.sparse_logprobs`): no float32 copy of the logits."""
+    top_lp, top_ids, next_lp = sparse_logprobs(
+        logits, top_k, _next_ids(src_ids), chunk_size=max(1, chunk_elements // max(1, logits.shape[-1]))
+    )
+    next_lp[:, -1:] = 0.0
+    return top_lp, top_ids, next_lp
+
+
+def reduce_hidden(
+    hidden: Tensor, head: Callable[[Tensor], Tensor], src_ids: Tensor, top_k: int, chunk_elements: int = CHUNK_ELEMENTS
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`reduce_logits` of ``head(hidden)``, the LM head applied per chunk of positions: no ``[B, M, V]`` logits
+    at all (`lightning_fuse.logits.sparse_logprobs_from_hidden`)."""
+    vocab = head(hidden[:1, :1].reshape(1, -1)).shape[-1] if hidden.numel() else 1
+    top_lp, top_ids, next_lp = sparse_logprobs_from_hidden(
+        hidden, head, top_k, _next_ids(src_ids), chunk_size=max(1, chunk_elements // max(1, vocab))
+    )
     next_lp[:, -1:] = 0.0
     return top_lp, top_ids, next_lp
 
@@ -83,7 +94,23 @@ def carry_over(
     vocab_size: int,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> tuple[SourceOutput, MassShares, int]:
-    """The source's output on the target's positions and vocabulary.
+    """`carry_reduced` of the source's logits ``[B, M, V_src]`` (reduced in chunks of positions)."""
+    reduced = reduce_logits(logits, aligned.src_ids.to(logits.device), top_k, chunk_elements)
+    return carry_reduced(*reduced, aligned, vocab_map, vocab_kind, labels, vocab_size)
+
+
+def carry_reduced(
+    top_lp: Tensor,
+    top_ids: Tensor,
+    next_lp: Tensor,
+    aligned: AlignedBatch,
+    vocab_map: Tensor,
+    vocab_kind: Tensor,
+    labels: Tensor,
+    vocab_size: int,
+) -> tuple[SourceOutput, MassShares, int]:
+    """The source's output on the target's positions and vocabulary, from its reduced logits (`reduce_logits`,
+    `reduce_hidden`).
 
     - at a 1:1 position, the source's top-k distribution with ids mapped by ``vocab_map`` (ids mapping nowhere
       drop out: their mass goes to the "other" bucket; ids mapping to one target id are merged), sorted;
@@ -98,16 +125,13 @@ def carry_over(
         (output, top-k mass by mapping kind at the 1:1 positions, number of 1:1 positions).
     """
     device = labels.device
-    aligned = aligned.to(logits.device)
-    top_lp, top_ids, next_lp = reduce_logits(logits, aligned.src_ids, top_k, chunk_elements)
-    v = logits.shape[-1]
-    vocab_map, vocab_kind = vocab_map.to(logits.device), vocab_kind.to(logits.device)
+    top_lp, top_ids, next_lp = top_lp.to(device), top_ids.to(device), next_lp.to(device)
+    aligned = aligned.to(device)
+    v = max(vocab_map.numel(), int(top_ids.max()) + 1 if top_ids.numel() else 0)
+    vocab_map, vocab_kind = vocab_map.to(device), vocab_kind.to(device)
     if vocab_map.numel() < v:  # padded embedding rows beyond the source tokenizer's ids
         vocab_map = torch.cat([vocab_map, vocab_map.new_full((v - vocab_map.numel(),), -1)])
         vocab_kind = torch.cat([vocab_kind, vocab_kind.new_full((v - vocab_kind.numel(),), DROPPED)])
-    top_lp, top_ids, next_lp = top_lp.to(device), top_ids.to(device), next_lp.to(device)
-    aligned = aligned.to(device)
-    vocab_map, vocab_kind = vocab_map.to(device), vocab_kind.to(device)
 
     mask = next_token_mask(labels)
     pos = aligned.src_pos

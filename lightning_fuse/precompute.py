@@ -283,7 +283,11 @@ def _run_source(
                 mask = torch.ones_like(ids)
                 labels = ids.masked_fill(mask == 0, -100)  # as FusionModule._step does
                 out = source.forward(ids, mask, labels, k, vocab)
-                for key, t in (("ids", out.dist.ids), ("logprobs", out.dist.logprobs),
+                top_lp, top_ids = out.dist.logprobs, out.dist.ids
+                if k >= vocab:  # dense mode keeps the ids in vocabulary order; the cache stores them sorted
+                    top_lp, order = top_lp.sort(-1, descending=True)
+                    top_ids = top_ids.gather(-1, order)
+                for key, t in (("ids", top_ids), ("logprobs", top_lp),
                                ("gold_logprob", out.gold_logprob), ("ce", out.ce)):
                     parts[key].append(t.cpu().numpy())
                 bar.update(ids.numel())

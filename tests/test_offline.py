@@ -259,3 +259,30 @@ def test_precompute_and_offline_fit_with_a_cross_tokenizer_source(tiny_world, tm
     trainer.fit(offline, make_dm(tiny_world, root, offline, max_blocks_per_domain=32, max_val_blocks_per_domain=8))
     assert trainer.global_step == 2
 
+
+
+def test_cache_is_hashed_once_not_at_every_start(tiny_world, cache, tmp_path, monkeypatch):
+    """Setup verifies every checksum the first time only (recorded in verified.json); a shard rewritten since is
+    hashed again, and refused when damaged. Was: the whole cache re-hashed at every start, on every rank."""
+    import lightning_fuse.cache.reader as reader_mod
+
+    root = tmp_path / "cache"
+    shutil.copytree(cache, root)
+    for split in ("train", "val"):
+        (root / split / "verified.json").unlink(missing_ok=True)
+    calls = []
+    real = reader_mod._file_checksum
+    monkeypatch.setattr(reader_mod, "_file_checksum", lambda path, algo: calls.append(path) or real(path, algo))
+    module = make_module(tiny_world, True)
+    make_dm(tiny_world, root, module).setup("fit")
+    first = len(calls)
+    assert first == sum(1 for split in ("train", "val") for _ in (root / split).rglob("shard-*.npy"))
+    make_dm(tiny_world, root, module).setup("fit")
+    assert len(calls) == first
+    shard = root / "train" / "sums" / "shard-00003.logprobs.npy"
+    data = bytearray(shard.read_bytes())
+    data[-7] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheCorruptError, match=r"shard-00003\.logprobs\.npy"):
+        make_dm(tiny_world, root, module).setup("fit")
+    assert len(calls) == first + 1

@@ -50,3 +50,46 @@ def test_bitsandbytes_cpu_cast_notice_is_shown_once(tiny_world, caplog):
     notices = [r for r in caplog.records if "inputs will be cast from" in r.getMessage()]
     assert len(notices) <= 1  # 0 if an earlier test in this process already showed it
     assert any("another bitsandbytes warning" in r.getMessage() for r in caplog.records)  # others still shown
+
+
+def test_auto_8bit_keeps_a_declared_dtype_on_cuda(tiny_world):
+    """``load_in_8bit: auto`` quantises on CUDA only when no dtype is declared (was: bf16 sources became int8)."""
+    from lightning_fuse.sources import _use_8bit, load_mode
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    declared = SourceSpec("words", tiny_world["words"], dtype="bfloat16")
+    default = SourceSpec("words", tiny_world["words"])
+    assert not _use_8bit(declared, cuda) and _use_8bit(default, cuda)
+    assert not _use_8bit(default, cpu)
+    assert load_mode(declared, cuda) == {"dtype": "bfloat16"}
+    assert load_mode(default, cuda) == {"dtype": "float32", "quantization": "int8"}
+    assert load_mode(SourceSpec("w", tiny_world["words"], load_in_8bit=True), cpu)["quantization"] == "int8"
+
+
+def test_8bit_load_passes_the_dtype_with_the_quantization_config(tiny_world, monkeypatch):
+    """The non-quantised parts load in the declared dtype (was: ``dtype`` dropped on the 8-bit path -> float32)."""
+    import transformers
+
+    from lightning_fuse.sources import load_causal_lm
+
+    seen = {}
+
+    def fake(path, **kwargs):
+        seen.update(kwargs)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    with pytest.raises(OSError):
+        load_causal_lm(tiny_world["words"], "source", dtype="bfloat16", load_in_8bit=True, device="cpu")
+    assert seen["dtype"] == torch.bfloat16 and seen["quantization_config"].load_in_8bit
+
+
+def test_cache_identity_records_quantization(tiny_world):
+    """An int8 cache and a float32 one have different identities (was: treated as the same)."""
+    from lightning_fuse.offline import source_identity
+
+    spec = SourceSpec("words", tiny_world["words"])
+    on_cuda = source_identity(spec, device="cuda")["model_id"]
+    on_cpu = source_identity(spec, device="cpu")["model_id"]
+    assert on_cuda["quantization"] == "int8" and "quantization" not in on_cpu and on_cuda != on_cpu
+    assert on_cpu["dtype"] == "float32"

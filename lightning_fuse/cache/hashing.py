@@ -16,13 +16,21 @@ from lightning_fuse.cache.format import CacheError, _to_numpy
 _HASH_CHUNK = 1 << 22
 
 
+_FINGERPRINT_ROWS = 4096
+
+
 def data_fingerprint(token_ids: torch.Tensor | np.ndarray) -> str:
-    """sha256 of a corpus' token ids ([S, L], any integer dtype): the ``data_id`` to pass to the cache."""
+    """sha256 of a corpus' token ids ([S, L], any integer dtype): the ``data_id`` to pass to the cache.
+
+    Hashed ``_FINGERPRINT_ROWS`` rows at a time (memory bounded, however large the corpus)."""
     arr = _to_numpy(token_ids)
     if not np.issubdtype(arr.dtype, np.integer):
         raise CacheError(f"`token_ids` must be integer, got {arr.dtype}")
     h = hashlib.sha256(json.dumps(list(arr.shape)).encode())
-    h.update(np.ascontiguousarray(arr, dtype="<i8").tobytes())
+    if arr.ndim == 0:
+        h.update(np.ascontiguousarray(arr, dtype="<i8").tobytes())
+    for start in range(0, len(arr) if arr.ndim else 0, _FINGERPRINT_ROWS):
+        h.update(np.ascontiguousarray(arr[start : start + _FINGERPRINT_ROWS], dtype="<i8").tobytes())
     return "sha256:" + h.hexdigest()
 
 

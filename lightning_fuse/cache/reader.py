@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import threading
@@ -23,6 +25,7 @@ from lightning_fuse.cache.format import (
     CacheError,
     CacheIncompleteError,
     CacheMismatchError,
+    _atomic_write,
     _canonical,
     _fields,
     _high_bits,
@@ -33,6 +36,16 @@ from lightning_fuse.cache.format import (
     _to_numpy,
 )
 from lightning_fuse.cache.hashing import _file_checksum
+
+VERIFIED = "verified.json"
+
+
+def _read_verified(root: Path) -> dict[str, list[Any]]:
+    try:
+        seen = json.loads((root / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return {}
+    return seen if isinstance(seen, dict) else {}
 
 
 def _difference(name: str, key: str, cached: Any, declared: Any) -> str:
@@ -181,13 +194,19 @@ class CacheReader:
         if name not in self.sources:
             raise CacheError(f"source must be one of {self.sources} (opened from {self.root}), got {name!r}")
 
-    def verify(self, sources: Sequence[str] | None = None) -> None:
+    def verify(self, sources: Sequence[str] | None = None, remember: bool = False) -> None:
         """Recompute every shard file's checksum (reads the whole cache: ~1.8 GB/s for sha256 with SHA-NI).
+
+        With ``remember``, files that passed are recorded in ``<root>/verified.json`` (checksum, size, modification
+        time) and later calls skip a file whose record still matches: the cache is hashed once, not at every start
+        (a rewritten or replaced file has another size or time and is hashed again).
 
         Raises:
             CacheCorruptError: naming every file that fails.
         """
         algorithm = self.manifest["checksum"]
+        seen = _read_verified(self.root) if remember else {}
+        passed: dict[str, list[Any]] = {}
         problems = []
         for name in sources if sources is not None else self.sources:
             self._check_source(name)
@@ -195,14 +214,23 @@ class CacheReader:
                 for f in rec["files"].values():
                     path = self.root / name / f["name"]
                     try:
-                        ok = _file_checksum(path, algorithm) == f["checksum"]
+                        st = path.stat()
+                        stamp = [f["checksum"], st.st_size, st.st_mtime_ns]
+                        key = f"{name}/{f['name']}"
+                        ok = seen.get(key) == stamp or _file_checksum(path, algorithm) == f["checksum"]
                     except OSError as err:
                         problems.append(f"{path}: {err}")
                         continue
                     if not ok:
                         problems.append(f"{path} fails its {algorithm} checksum")
+                    else:
+                        passed[key] = stamp
         if problems:
             raise CacheCorruptError(f"cache at {self.root}: {_join(problems)}: {_FIX}")
+        if remember and passed != {k: v for k, v in seen.items() if k in passed}:
+            data = json.dumps({**seen, **passed}, sort_keys=True).encode()
+            with contextlib.suppress(OSError):  # a read-only cache is verified again next time
+                _atomic_write(self.root / VERIFIED, lambda fh: fh.write(data))
 
     def _shard(self, name: str, shard_idx: int) -> dict[str, np.ndarray]:
         """Memory maps of one shard's files (LRU-cached), header-checked against the manifest."""

@@ -203,3 +203,51 @@ def test_token_selection_bad_input(tiny_world):
         make(tiny_world, ["words"], selection="word")
     with pytest.raises(ValueError, match=r"`--model.token_window` must be >= 1"):
         make(tiny_world, ["words"], strategy="min_ce", selection="token", token_window=0)
+
+
+def test_tensorboard_token_shares_weight_histograms_and_token_picture(tiny_world, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_fuse import SelectionMatrixLogger, TokenPictureLogger
+
+    module = make(tiny_world, ["words", "sums"], strategy="adaptive", top_k=2, selection="token")
+    logger = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
+    callbacks = [SelectionFeedback(beta=0.0, log_every_n_steps=2), SelectionMatrixLogger(), TokenPictureLogger(rows=2)]
+    fit(module, tiny_world, steps=4, callbacks=callbacks, logger=logger)
+    acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "scalars": 0, "images": 0}).Reload()
+    tags = acc.Tags()
+    for name in ("words", "sums"):
+        assert f"selection/token_share/{name}" in tags["scalars"]
+        assert f"selection/weight/{name}" in tags["histograms"]
+        assert f"selection/token_weight/{name}" in tags["histograms"]
+        assert f"val/{name}/words_share" in tags["scalars"]  # per-domain (per-token) shares
+    assert {"selection/val_tokens", "selection/val_matrix"} <= set(tags["images"])
+    assert "hp_metric" not in tags["scalars"]
+    image = acc.Images("selection/val_tokens")[-1]
+    assert image.width > 400 and image.height > 100
+
+
+def test_teachers_shift_by_one_and_follow_token_weights():
+    from lightning_fuse.token_picture import teachers
+
+    tw = torch.zeros(1, 4, 2)
+    tw[0, :2, 0], tw[0, 2:, 1] = 1.0, 0.8
+    tw[0, 2:, 0] = 0.2
+    sel = Selection(torch.ones(1, 2) / 2, torch.ones(1, 2, dtype=torch.bool), torch.tensor([[0.6, 0.4]]), tw)
+    mask = torch.tensor([[True, True, True, False]])
+    teacher, weight = teachers(sel, mask)
+    assert teacher.tolist() == [[-1, 0, 0, 1]]  # token t is taught at position t - 1
+    torch.testing.assert_close(weight, torch.tensor([[0.0, 1.0, 1.0, 0.8]]))
+
+
+def test_shipped_configs_log_the_selection_matrix_and_no_hp_metric():
+    from pathlib import Path
+
+    import yaml
+
+    for path in ("demo", "offline", "two_family", "smollm2", "example_subclass"):
+        cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / f"{path}.yaml").read_text())
+        classes = [c["class_path"].rsplit(".", 1)[-1] for c in cfg["trainer"]["callbacks"]]
+        assert "SelectionMatrixLogger" in classes and "TokenPictureLogger" in classes, path
+        assert cfg["trainer"]["logger"]["init_args"]["default_hp_metric"] is False, path

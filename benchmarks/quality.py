@@ -576,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_blocks_per_domain", type=int, default=None, help="pure training blocks per domain")
     parser.add_argument("--clm_weight", type=float, default=None, help="lambda (default 0.1)")
     parser.add_argument("--workers", type=int, default=2, help="fits run in parallel (one thread each)")
+    parser.add_argument("--fast_assets", action="store_true",
+                        help="use the FAST_BUILD demo assets (weaker specialists, built in minutes) with the full regime")
     parser.add_argument("--mixed", action="store_true",
                         help="per-token fusion benchmark: mixed-domain blocks plus pure blocks (quality_mixed.md)")
     parser.add_argument("--out", type=Path, default=None,
@@ -603,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
     methods = [m for m in ALL_METHODS if m in methods]
 
-    assets = prepare(args.fast, regime)
+    assets = prepare(args.fast or args.fast_assets, regime)
     print(f"assets ready in {assets['prepare_s']:.0f}s ({assets['demo']} demo build at {assets['root']}; "
           f"extra sources in {assets['bench_root']})", flush=True)
     jobs = []

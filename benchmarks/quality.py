@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/quality.py            # full benchmark (default demo assets, 3 seeds)
        python benchmarks/quality.py --fast     # CI smoke run: FAST_BUILD assets, 1 seed, few steps, 4 methods
+       python benchmarks/quality.py --mixed    # per-token fusion: mixed-domain blocks + pure blocks (issue 17)
 
 World: the embedded demo's 3 real-text domains (python stdlib source, licences, Debian changelogs) and N = 8
 frozen sources sharing its tokenizer: the demo's 3 specialists and its ``weak`` source, plus four built here with
@@ -17,6 +18,12 @@ across methods) on the same batches for the same number of steps, in a distillat
 specialist (from ``batch["domain"]``): per domain, a target distilled from the right specialist only.
 Interference = mean over domains of (loss - oracle loss) on held-out text of each domain, per seed, then mean and
 spread (sample std) over seeds. Two fits run in parallel (one thread each).
+
+``--mixed`` (per-token fusion, METHOD.md §8): the training and held-out sets also hold mixed blocks, each 2-3
+segments of 16-96 tokens of different domains (``benchmarks/mixed_blocks.py``); every batch knows the domain of each
+token. The oracle weights each position's own segment specialist. Interference on mixed blocks is measured per
+segment against that oracle: the target's loss on the tokens of each domain inside mixed blocks, minus the oracle's,
+averaged over domains; on pure blocks as above. Writes quality_mixed.md / quality_mixed.png.
 
 Writes benchmarks/results/quality.md (table) and benchmarks/results/quality.png (plot); prints the table.
 """
@@ -41,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # mixed_blocks (also for precompute's class_path)
 DOMAIN_SPECIALISTS = ("python", "licenses", "changelog")
 
 
@@ -62,9 +70,13 @@ class Regime:
     warmup_steps: int = 20
     distill_top_k: int = 10
     seeds: tuple[int, ...] = (0, 1, 2)
+    mixed_train_blocks: int = 0  # --mixed: mixed-domain blocks added to the training set
+    mixed_val_blocks: int = 0  # --mixed: mixed-domain held-out blocks
 
 
 FAST_REGIME = Regime(steps=30, batch_size=8, block_size=64, max_blocks_per_domain=120, seeds=(0,))
+MIXED_FULL = {"mixed_train_blocks": 400, "mixed_val_blocks": 64}  # + the pure blocks
+MIXED_FAST = {"mixed_train_blocks": 60, "mixed_val_blocks": 16}
 
 # name -> (FusionModule kwargs, SelectionFeedback kwargs or None)
 METHODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
@@ -83,6 +95,26 @@ METHODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
     "oracle": ({"strategy": "uniform", "oracle": True}, None),
 }
 FAST_METHODS = ("clm", "uniform", "adaptive k1 b0", "oracle")
+# --mixed: per-sequence vs per-token rows (selection: token, lightning_fuse/token_fusion.py)
+MIXED_METHODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
+    "min_ce": METHODS["min_ce"],
+    "avg_ce": METHODS["avg_ce"],
+    "adaptive k2 b0": METHODS["adaptive k2 b0"],
+    "token min_ce": ({"strategy": "min_ce", "selection": "token"}, None),
+    "token adaptive k3": ({"strategy": "adaptive", "top_k": 3, "selection": "token", "token_features": "both"},
+                          {"beta": 0.0}),
+    "token adaptive k3 (routed)": ({"strategy": "adaptive", "top_k": 3, "selection": "token", "token_features": "both",
+                                    "routing": "before_sources", "selector_features": "hidden"}, {"beta": 0.0}),
+    "oracle": METHODS["oracle"],
+}
+MIXED_EXTRA: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
+    "token avg_ce": ({"strategy": "avg_ce", "selection": "token"}, None),
+    "token min_ce (window 5)": ({"strategy": "min_ce", "selection": "token", "token_window": 5}, None),
+    "token adaptive k2": ({"strategy": "adaptive", "top_k": 2, "selection": "token", "token_features": "both"},
+                          {"beta": 0.0}),
+    "token adaptive k3 (hidden)": ({"strategy": "adaptive", "top_k": 3, "selection": "token",
+                                    "token_features": "hidden"}, {"beta": 0.0}),
+}
 # opt-in rows (``--methods``), not in the default run
 EXTRA_METHODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
     "adaptive thr0.3 b0": ({"strategy": "adaptive", "threshold": 0.3}, {"beta": 0.0}),
@@ -94,7 +126,7 @@ EXTRA_METHODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
         {"strategy": "adaptive", "top_k": 2, "selector_features": "hidden", "selector_warmup_steps": 100},
         {"beta": 0.0}),
 }
-ALL_METHODS = {**METHODS, **EXTRA_METHODS}
+ALL_METHODS = {**METHODS, **EXTRA_METHODS, **MIXED_METHODS, **MIXED_EXTRA}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,12 +203,16 @@ def prepare(fast: bool, regime: Regime) -> dict[str, Any]:
     data = {"data_dir": str(root / "corpus"), "block_size": regime.block_size, "batch_size": regime.batch_size,
             "max_blocks_per_domain": regime.max_blocks_per_domain}
     cache_dir = bench_root / f"cache-{regime.block_size}-{regime.max_blocks_per_domain}-{regime.distill_top_k}"
+    data_class = "lightning_fuse.offline.CachedTextDataModule"
+    if regime.mixed_val_blocks or regime.mixed_train_blocks:
+        data.update(mixed_train_blocks=regime.mixed_train_blocks, mixed_val_blocks=regime.mixed_val_blocks)
+        cache_dir = cache_dir.with_name(f"{cache_dir.name}-mixed-{regime.mixed_train_blocks}-{regime.mixed_val_blocks}")
+        data_class = "mixed_blocks.MixedCachedDataModule"
     config = {
         "model": {"class_path": "lightning_fuse.FusionModule", "init_args": {
             "target": str(root / "target"), "sources": sources, "offline": True, "strategy": "uniform",
             "distill_top_k": regime.distill_top_k}},
-        "data": {"class_path": "lightning_fuse.offline.CachedTextDataModule",
-                 "init_args": {**data, "cache_dir": str(cache_dir)}},
+        "data": {"class_path": data_class, "init_args": {**data, "cache_dir": str(cache_dir)}},
     }
     config_file = bench_root / f"precompute-{cache_dir.name}.yaml"
     config_file.write_text(json.dumps(config, indent=1))  # JSON is YAML
@@ -246,6 +282,7 @@ def _module_class():
 
         def run_sources(self, batch, rows=None):
             self._batch_domain = batch["domain"]
+            self._batch_segments = batch.get("segments")  # --mixed: the domain of every token
             return super().run_sources(batch, rows)
 
         def fusion_weights(self, outputs, features):
@@ -254,10 +291,17 @@ def _module_class():
                 return Selection(w, w > 0, w)
             if not self.oracle:
                 return super().fusion_weights(outputs, features)
-            domains = self.trainer.datamodule.domains
+            domains = [d for d in self.trainer.datamodule.domains if d in self.source_names]  # not `mixed`
             column = torch.tensor([self.source_names.index(d) for d in domains], device=self._batch_domain.device)
-            w = torch.nn.functional.one_hot(column[self._batch_domain], len(self.source_names)).float()
-            return Selection(w, w > 0, w)
+            n = len(self.source_names)
+            if self._batch_segments is None:
+                w = torch.nn.functional.one_hot(column[self._batch_domain], n).float()
+                return Selection(w, w > 0, w)
+            nxt = self._batch_segments.clone()  # position t predicts token t + 1: its segment's specialist teaches
+            nxt[:, :-1] = self._batch_segments[:, 1:]
+            tw = torch.nn.functional.one_hot(column[nxt], n).float()
+            w = tw.mean(1)
+            return Selection(w, w > 0, w, token_weights=tw)
 
     return QualityFusion
 
@@ -291,6 +335,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
            "selector_learning_rate": r.selector_learning_rate, "warmup_steps": r.warmup_steps,
            "distill_top_k": r.distill_top_k, **module_kwargs},
     )
+    if "mixed_val_blocks" in job["data"]:
+        from mixed_blocks import MixedCachedDataModule as CachedTextDataModule  # noqa: N814
     dm = CachedTextDataModule(**job["data"], cache_dir=job["cache_dir"], seed=job["seed"], verify=False)
     callbacks = [SelectionFeedback(**feedback)] if feedback is not None else []
     trainer = pl.Trainer(
@@ -303,8 +349,64 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     trainer.limit_val_batches = 1.0
     with contextlib.redirect_stdout(io.StringIO()):  # FusionModule prints its per-domain table on validate
         trainer.validate(module, dm, verbose=False)
-    return {"method": job["method"], "seed": job["seed"], "results": dict(module.eval_results),
+    results = dict(module.eval_results)
+    if "mixed_val_blocks" in job["data"]:
+        results.update(segment_results(module, dm))
+    return {"method": job["method"], "seed": job["seed"], "results": results,
             "fit_s": fit_s, "seconds": time.perf_counter() - t0}
+
+
+def segment_results(module: Any, dm: Any, batch_size: int = 16) -> dict[str, float]:
+    """On the held-out mixed blocks, per domain of the predicted token: the target's loss
+    (``seg/<domain>/target_ce``) and each source's mean fusion weight there (``seg/<domain>/<source>_share``: the
+    per-token weight with ``selection: token``, the row's weight per sequence)."""
+    import torch
+    from torch.utils.data import default_collate
+
+    ds = dm.val_set
+    base = getattr(ds, "base", ds)
+    mixed = len(dm.pure_domains)
+    rows = (base.domains == mixed).nonzero().squeeze(-1).tolist()
+    d_count, n = len(dm.pure_domains), len(module.source_names)
+    loss_sum, count = torch.zeros(d_count, dtype=torch.float64), torch.zeros(d_count, dtype=torch.float64)
+    share = torch.zeros(d_count, n, dtype=torch.float64)
+    module.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = default_collate(ds.__getitems__(rows[i : i + batch_size]))
+            r = module._step(batch, "val")
+            ids = batch["input_ids"]
+            logits = module.target(input_ids=ids, attention_mask=batch["attention_mask"]).logits.float()
+            nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            seg = batch["segments"][:, 1:]
+            sel = r.get("selection")
+            if sel is not None:
+                w = sel.token_weights if sel.token_weights is not None else sel.weights[:, None].expand(-1, ids.shape[1], -1)
+                w = w[:, :-1].double()
+            for d in range(d_count):
+                at = seg == d
+                loss_sum[d] += nll[at].double().sum()
+                count[d] += at.sum()
+                if sel is not None:
+                    share[d] += w[at].sum(0)
+    out = {}
+    for d, name in enumerate(dm.pure_domains):
+        if count[d] > 0:
+            out[f"seg/{name}/target_ce"] = float(loss_sum[d] / count[d])
+            for k, source in enumerate(module.source_names):
+                out[f"seg/{name}/{source}_share"] = float(share[d, k] / count[d])
+    return out
+
+
+def split_mixed(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(pure, mixed)`` copies of the runs whose results hold the pure blocks' and the mixed blocks' per-segment
+    numbers under the usual ``val/<domain>/...`` keys, so that ``aggregate`` reads either."""
+    pure, mixed = [], []
+    for r in runs:
+        res = r["results"]
+        pure.append({**r, "results": {k: v for k, v in res.items() if not k.startswith(("seg/", "val/mixed/"))}})
+        mixed.append({**r, "results": {"val/" + k.removeprefix("seg/"): v for k, v in res.items() if k.startswith("seg/")}})
+    return pure, mixed
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -471,22 +573,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(ALL_METHODS)}")
     parser.add_argument("--seeds", type=int, nargs="*", default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--max_blocks_per_domain", type=int, default=None, help="pure training blocks per domain")
     parser.add_argument("--clm_weight", type=float, default=None, help="lambda (default 0.1)")
     parser.add_argument("--workers", type=int, default=2, help="fits run in parallel (one thread each)")
+    parser.add_argument("--fast_assets", action="store_true",
+                        help="use the FAST_BUILD demo assets (weaker specialists, built in minutes) with the full regime")
+    parser.add_argument("--mixed", action="store_true",
+                        help="per-token fusion benchmark: mixed-domain blocks plus pure blocks (quality_mixed.md)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for quality.md / quality.png (default benchmarks/results; --fast: a temp folder)")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
     regime = FAST_REGIME if args.fast else Regime()
+    if args.mixed:
+        regime = dataclasses.replace(regime, **(MIXED_FAST if args.fast else MIXED_FULL))
     if args.steps is not None:
         regime = dataclasses.replace(regime, steps=args.steps)
+    if args.max_blocks_per_domain is not None:
+        regime = dataclasses.replace(regime, max_blocks_per_domain=args.max_blocks_per_domain)
     if args.seeds:
         regime = dataclasses.replace(regime, seeds=tuple(args.seeds))
     if args.clm_weight is not None:
         regime = dataclasses.replace(regime, clm_weight=args.clm_weight)
-    methods = list(args.methods or (FAST_METHODS if args.fast else METHODS))
-    for m in ("oracle", "clm"):
+    methods = list(args.methods or (MIXED_METHODS if args.mixed else FAST_METHODS if args.fast else METHODS))
+    for m in ("oracle",) if args.mixed else ("oracle", "clm"):
         if m not in methods:
             methods.append(m)  # interference needs the oracle, normalised interference the clm run
     unknown = [m for m in methods if m not in ALL_METHODS]
@@ -494,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
     methods = [m for m in ALL_METHODS if m in methods]
 
-    assets = prepare(args.fast, regime)
+    assets = prepare(args.fast or args.fast_assets, regime)
     print(f"assets ready in {assets['prepare_s']:.0f}s ({assets['demo']} demo build at {assets['root']}; "
           f"extra sources in {assets['bench_root']})", flush=True)
     jobs = []
@@ -517,13 +628,22 @@ def main(argv: list[str] | None = None) -> int:
     (Path(assets["bench_root"]) / f"runs-{stamp}.json").write_text(json.dumps({"regime": dataclasses.asdict(regime),
                                                                              "runs": runs}, indent=1))
     source_names = [s["name"] for s in assets["sources"]]
-    agg = aggregate(runs, methods, source_names)
     wall = time.perf_counter() - t0
     command = shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
-    md = render(agg, methods, regime, assets, wall, runs, args.fast, command)
-    print(md)
     out = args.out or (Path(tempfile.gettempdir()) / "lightning_fuse_quality_fast" if args.fast else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
+    if args.mixed:
+        pure_runs, mixed_runs = split_mixed(runs)
+        agg_pure, agg_mixed = aggregate(pure_runs, methods, source_names), aggregate(mixed_runs, methods, source_names)
+        md = render_mixed(agg_pure, agg_mixed, methods, regime, assets, wall, runs, args.fast, command)
+        print(md)
+        (out / "quality_mixed.md").write_text(md + "\n")
+        plot_mixed(agg_pure, agg_mixed, methods, out / "quality_mixed.png")
+        print(f"wrote {out / 'quality_mixed.md'} and {out / 'quality_mixed.png'} (wall time {wall / 60:.1f} min)")
+        return 0
+    agg = aggregate(runs, methods, source_names)
+    md = render(agg, methods, regime, assets, wall, runs, args.fast, command)
+    print(md)
     (out / "quality.md").write_text(md + "\n")
     plot(agg, methods, out / "quality.png")
     print(f"wrote {out / 'quality.md'} and {out / 'quality.png'} (wall time {wall / 60:.1f} min)")
@@ -612,6 +732,121 @@ def render(agg, methods, regime, assets, wall, runs, fast, command) -> str:
             for d, row in per_domain.items():
                 lines.append(f"| {m} | {d} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |")
     return "\n".join(lines)
+
+
+def _mixed_pairs(methods: list[str]) -> list[tuple[str, str]]:
+    pairs = [(m, ref) for m in methods if m.startswith("token") for ref in ("min_ce", "adaptive k2 b0")]
+    pairs += [("token adaptive k3", "token min_ce"), ("token adaptive k3 (routed)", "token adaptive k3"),
+              ("adaptive k2 b0", "min_ce"), ("avg_ce", "min_ce")]
+    return [(a, b) for a, b in pairs if a in methods and b in methods]
+
+
+def mixed_goals(pure: dict[str, Any], mixed: dict[str, Any], method: str = "token adaptive k3") -> list[str]:
+    """Issue 17's goals, on the seed means and the paired seed spread."""
+    out = []
+    rp, rm = pure["rows"], mixed["rows"]
+    if not rm.get(method, {}).get("n") or not rm.get("min_ce", {}).get("n"):
+        return out
+    a, b = rm[method]["interference"][0], rm["min_ce"]["interference"][0]
+    common = sorted(set(mixed["per_seed"][method]) & set(mixed["per_seed"]["min_ce"]))
+    diffs = [mixed["per_seed"][method][s]["interference"] - mixed["per_seed"]["min_ce"][s]["interference"] for s in common]
+    mean, spread = _mean_std(diffs)
+    red = 100 * (b - a) / abs(b) if b else math.nan
+    ok = red >= 50 and abs(mean) > 2 * spread and len(common) > 1
+    out.append(f"- mixed blocks: `{method}` interference {a:+.3f} vs per-sequence min_ce {b:+.3f}: {red:.0f}% lower "
+               f"(goal >= 50%), paired difference {mean:+.3f} ± {spread:.3f} (goal beyond 2x): "
+               f"{'met' if ok else 'NOT met'}")
+    if rp.get(method, {}).get("n") and rp.get("adaptive k2 b0", {}).get("n"):
+        common = sorted(set(pure["per_seed"][method]) & set(pure["per_seed"]["adaptive k2 b0"]))
+        diffs = [pure["per_seed"][method][s]["interference"] - pure["per_seed"]["adaptive k2 b0"][s]["interference"]
+                 for s in common]
+        mean, spread = _mean_std(diffs)
+        ok = mean <= 2 * spread
+        out.append(f"- pure blocks: `{method}` vs per-sequence `adaptive k2 b0`: paired difference of interference "
+                   f"{mean:+.3f} ± {spread:.3f} (goal: no worse beyond 2x the spread): {'met' if ok else 'NOT met'}")
+    return out
+
+
+def render_mixed(pure, mixed, methods, regime, assets, wall, runs, fast, command) -> str:
+    src = ", ".join(s["name"] for s in assets["sources"])
+    fit_s = statistics.fmean(r["seconds"] for r in runs)
+    for agg in (pure, mixed):
+        agg["sources"] = {}  # the single sources' pure-block losses are in quality.md
+    lines = [
+        "# Per-token fusion on mixed-domain blocks" + (" (--fast smoke run: not a result)" if fast else ""),
+        "",
+        f"Reproduce: `{command}`. Demo build: {assets['demo']}; N = {len(assets['sources'])} sources ({src}), "
+        f"outputs cached once (offline mode). Training set: the pure blocks plus {regime.mixed_train_blocks} mixed "
+        f"blocks; held-out: half of each domain's held-out blocks as pure blocks, {regime.mixed_val_blocks} mixed blocks "
+        "cut from the other half. A mixed block is 2-3 segments of 16-96 tokens of different domains "
+        "(`benchmarks/mixed_blocks.py`). "
+        f"Regime: {regime.steps} steps x {regime.batch_size} blocks of {regime.block_size} tokens, lambda = "
+        f"{regime.clm_weight}, forward KL on the top-{regime.distill_top_k} union, AdamW lr {regime.learning_rate} "
+        f"({regime.warmup_steps} warm-up steps, cosine to 10%), target gradient norm clipped to 1, selector (and token "
+        f"gate) lr {regime.selector_learning_rate}, per-sequence selector features = rewards. Seeds {list(regime.seeds)}.",
+        "",
+        "Rows: `min_ce`, `avg_ce` (FuseLLM's formulas) and `adaptive k2 b0` weight the sources per sequence; `token "
+        "min_ce` takes at each position the source with the highest gold log-prob; `token adaptive k2`: the per-sequence "
+        "selector keeps K sources per row and the trained per-token gate (target hidden state + the sources' per-position "
+        "signals, gold log-prob prior) mixes them at every position; `(routed)`: the selector decides from the target's "
+        "pooled hidden state before the sources run, and only the K kept sources run on a row. Oracle: each position "
+        "distilled from its own segment's specialist (pure blocks: the block's).",
+        "",
+        "Interference = mean over domains of (loss - oracle loss), per seed; on mixed blocks the loss of a domain is the "
+        "target's loss on the tokens of that domain's segments inside mixed blocks.",
+        f"Wall time {wall / 60:.1f} min ({len(runs)} fits of {fit_s:.0f} s each on average, 2 in parallel, on a shared "
+        "machine).",
+        "",
+        "## Mixed blocks (per segment)",
+        "",
+        format_table(mixed, methods),
+        "",
+        *significance(mixed, _mixed_pairs(methods)),
+        "",
+        "## Pure blocks",
+        "",
+        format_table(pure, methods),
+        "",
+        *significance(pure, _mixed_pairs(methods)),
+        "",
+        "Goals (issue 17):",
+        *mixed_goals(pure, mixed),
+    ]
+    if mixed["shares"]:
+        names = [s["name"] for s in assets["sources"]]
+        lines += ["", "Mean fusion weight per source on the tokens of each domain inside mixed blocks (seed mean):", "",
+                  "| method | tokens of | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for m, per_domain in mixed["shares"].items():
+            for d, row in per_domain.items():
+                lines.append(f"| {m} | {d} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def plot_mixed(pure: dict[str, Any], mixed: dict[str, Any], methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [m for m in methods if mixed["rows"].get(m, {}).get("n") and m != "oracle"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.38
+    for j, (agg, label) in enumerate(((mixed, "mixed blocks (per segment)"), (pure, "pure blocks"))):
+        means = [agg["rows"][m]["interference"][0] for m in rows]
+        stds = [agg["rows"][m]["interference"][1] for m in rows]
+        xs = [i + (j - 0.5) * width for i in range(len(rows))]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=label, color=("#1f77b4", "#aaa")[j])
+        for s in agg["seeds"]:
+            ax.scatter(xs, [agg["per_seed"][m].get(s, {}).get("interference", math.nan) for m in rows], s=7, color="k",
+                       zorder=3)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(range(len(rows)), rows, rotation=25, ha="right")
+    ax.set_ylabel("interference (nats/token vs oracle)")
+    ax.set_title(f"Per-sequence vs per-token fusion, mean ± std over {len(mixed['seeds'])} seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

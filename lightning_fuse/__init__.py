@@ -7,6 +7,7 @@ from lightning_fuse.module import FusionModule
 from lightning_fuse.offline import CachedTextDataModule
 from lightning_fuse.selector import Selection, Selector
 from lightning_fuse.sources import FrozenSource, SourceSpec
+from lightning_fuse.token_picture import TokenPictureLogger
 
 __all__ = [
     "CachedTextDataModule",
@@ -20,6 +21,7 @@ __all__ = [
     "SourceSpec",
     "SparseDist",
     "TextDataModule",
+    "TokenPictureLogger",
     "baseline_weights",
     "distill_loss",
     "fuse",

@@ -32,8 +32,12 @@ class SelectionFeedback(Callback):
       so weak sources are not forced in while the selector still cannot collapse below the floor.
 
     The module adds ``beta * loss`` to its total. Statistics go into checkpoints and are logged to the
-    logger: per-source scalars ``selection/rate/<name>`` and ``selection/importance/<name>``, and a histogram
-    ``selection/chosen`` of the kept source indices.
+    logger: per-source scalars ``selection/rate/<name>`` and ``selection/importance/<name>``, per-source histograms
+    of the fusion weight ``selection/weight/<name>`` (one value per sequence), a histogram ``selection/chosen`` of
+    the kept source indices, and with per-token selection (``selection: token``) ``selection/token_share/<name>``
+    (the batch's share of gold tokens taught by each source) and histograms ``selection/token_weight/<name>`` (one
+    value per token). With per-token selection the gate and the running statistics are per token: ``importance``
+    is each source's running share of the tokens.
 
     Args:
         beta: weight of the feedback loss in the total loss (>= 0; 0 = statistics only).
@@ -133,19 +137,32 @@ class SelectionFeedback(Callback):
         gate, mask = outputs["selection_gate"], outputs["selection_mask"]
         self.update(gate, mask)
         if self.steps % self.log_every_n_steps == 0:
-            self._log(trainer, pl_module, mask)
+            self._log(trainer, pl_module, mask, outputs)
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, mask: Tensor) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, mask: Tensor, outputs: dict | None = None) -> None:
+        outputs = outputs or {}
         names = getattr(pl_module, "source_names", [str(i) for i in range(mask.shape[-1])])
         metrics = {f"selection/rate/{name}": float(self.frequency[i]) for i, name in enumerate(names)}
         metrics.update({f"selection/importance/{name}": float(self.importance[i]) for i, name in enumerate(names)})
+        weights, token_weights = outputs.get("selection_weights"), outputs.get("selection_token_weights")
+        if token_weights is not None and token_weights.numel():
+            share = token_weights.float().mean(0)
+            metrics.update({f"selection/token_share/{name}": float(share[i]) for i, name in enumerate(names)})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_histogram"):
+                step = trainer.global_step
                 chosen = mask.nonzero()[:, 1].cpu().numpy()
                 bins = np.arange(mask.shape[-1] + 1) - 0.5
-                experiment.add_histogram("selection/chosen", chosen, trainer.global_step, bins=bins)
+                experiment.add_histogram("selection/chosen", chosen, step, bins=bins)
+                edges = np.linspace(0.0, 1.0, 21)
+                for tag, values in (("weight", weights), ("token_weight", token_weights)):
+                    if values is None or not values.numel():
+                        continue
+                    values = values.float().cpu().numpy()
+                    for i, name in enumerate(names):
+                        experiment.add_histogram(f"selection/{tag}/{name}", values[:, i], step, bins=edges)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -67,7 +67,8 @@ class FuseCLI(LightningCLI):
             help="torch intra-op CPU threads (None: torch's default). Tiny models on a busy CPU run faster on 1.",
         )
         parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                                "init_args": {"save_dir": "runs", "name": "fuse"}},
+                                                "init_args": {"save_dir": "runs", "name": "fuse",
+                                                              "default_hp_metric": False}},  # no empty hp_metric card
                              # atomic, fsynced checkpoint writes; no NaN/inf checkpoint; one-line error for damaged ones
                              "trainer.plugins": [{"class_path": "lightning_fuse.checkpoint.AtomicCheckpointIO"}]})
 

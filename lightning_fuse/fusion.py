@@ -128,20 +128,22 @@ def baseline_weights(strategy: Strategy, ce: Tensor) -> Tensor:
 
 
 def fuse(outputs: list[SourceOutput], weights: Tensor) -> SparseDist:
-    """Mix the sources' sparse distributions with per-sequence weights ``[B, N]`` (rows sum to 1).
+    """Mix the sources' sparse distributions with per-sequence weights ``[B, N]`` or per-position weights
+    ``[B, L, N]`` (rows sum to 1).
 
     Returns a ``SparseDist`` over the union of their ids (``[B, L, N * k]``, duplicates merged, empty slots -1).
     With one source its ids cannot repeat: no merge (no sort over the ``k`` slots, which is the whole vocabulary
     in dense mode).
     """
+    w = weights[:, None, :, None] if weights.dim() == 2 else weights.unsqueeze(-1)  # [B, 1 or L, N, 1]
     if len(outputs) == 1:
         ids = outputs[0].dist.ids
-        logprobs = outputs[0].dist.logprobs + weights[:, 0, None, None].clamp_min(_EPS).log()
+        logprobs = outputs[0].dist.logprobs + w[:, :, 0].clamp_min(_EPS).log()
         ids = ids.masked_fill(torch.isneginf(logprobs), -1)
         return SparseDist(ids, logprobs.masked_fill(ids < 0, float("-inf")))
     ids = torch.cat([o.dist.ids for o in outputs], dim=-1)
     probs = torch.cat(
-        [o.dist.probs * weights[:, i, None, None] for i, o in enumerate(outputs)], dim=-1
+        [o.dist.probs * w[:, :, i] for i, o in enumerate(outputs)], dim=-1
     )
     ids, probs = merge_duplicates(ids, probs)
     return SparseDist(ids, probs.clamp_min(_EPS).log().masked_fill(ids < 0, float("-inf")))

@@ -48,6 +48,13 @@ from lightning_fuse.sources import (
     tokenizer_fingerprint,
 )
 from lightning_fuse.student import StudentStats, chunked_argmax, student_stats
+from lightning_fuse.token_fusion import (
+    TOKEN_FEATURES,
+    TokenFeatures,
+    TokenGate,
+    token_mixture_nll,
+    token_selection,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +107,18 @@ class FusionModule(pl.LightningModule):
         alignment_cache_dir: where vocabulary maps between a source's and the target's tokenizers are cached
             (built once per tokenizer pair); None = no cache. Same-tokenizer sources skip alignment entirely.
         trust_remote_code: allow code shipped with the target/tokenizer.
+        selection: ``sequence`` weights the sources per sequence; ``token`` (METHOD.md §8,
+            ``lightning_fuse.token_fusion``) keeps the per-sequence choice of which sources run on a row (top-K /
+            threshold; routed mode still runs only those) and mixes the kept sources at every position: ``adaptive``
+            with a trained per-position gate (``token_features``), ``min_ce`` / ``avg_ce`` / ``softmax_ce`` /
+            ``uniform`` with their per-token forms over all sources (token-level MinCE: the source with the largest
+            gold log-prob at each position).
+        token_features: what the per-token gate sees at each position: ``hidden`` (the target's detached hidden
+            state), ``signals`` (the kept sources' gold log-prob, top-1 log-prob and top-k mass; with the gold
+            log-prob prior, a soft token-level MinCE at init) or ``both``.
+        token_width: hidden width of the per-token gate's MLP.
+        token_window: token-level MinCE: average the gold log-probs over a centred window of this many positions
+            before taking the argmax (1 = none).
         gradient_checkpointing: recompute the target's decoder layers in the backward pass instead of keeping their
             activations (the HF model's own switch, ``activation_checkpointing_enable`` / ``gradient_checkpointing_enable``,
             non-reentrant): less memory, about
@@ -134,12 +153,17 @@ class FusionModule(pl.LightningModule):
         selector_warmup_steps: int = 0,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        selection: Literal["sequence", "token"] = "sequence",
+        token_features: TokenFeatures = "both",
+        token_width: int = 64,
+        token_window: int = 1,
     ) -> None:
         super().__init__()
         specs = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in (sources or [])]
         _validate(specs, strategy, top_k, threshold, clm_weight, distill_loss, temperature, distill_top_k, on_nonfinite,
                   target=target, tokenizer=tokenizer, learning_rates=(learning_rate, selector_learning_rate))
         _validate_routing(routing, strategy, selector_features, explore, selector_warmup_steps)
+        _validate_token(selection, strategy, token_features, token_width, token_window)
         self.save_hyperparameters(ignore=["sources"])
         self.hparams["sources"] = [asdict(s) for s in specs]  # plain dicts: checkpoints need no pickled classes
         self.source_specs = specs
@@ -148,6 +172,7 @@ class FusionModule(pl.LightningModule):
         self.target_config = load_config(target, "target", trust_remote_code)
         self.target: nn.Module | None = None
         self.selector: Selector | None = None
+        self.token_gate: TokenGate | None = None  # per-token selection with the adaptive strategy
         self.sources: list[FrozenSource] = []  # plain list: not a submodule, never in state_dict/optimizer
         self.load_sources = not offline  # export and evaluation of the target alone set this to False
 
@@ -163,6 +188,8 @@ class FusionModule(pl.LightningModule):
                 )
         if self.selector is None and self.sources_needed and self.hparams.strategy == "adaptive":
             self.selector = self.build_selector()
+        if self.token_gate is None and self.sources_needed and self.per_token and self.hparams.strategy == "adaptive":
+            self.token_gate = self.build_token_gate()
         if self.load_sources and self.sources_needed and not self.sources:
             self.sources = self.build_sources()
         self._shard()
@@ -188,6 +215,8 @@ class FusionModule(pl.LightningModule):
         fully_shard(self.target, mesh=mesh)
         if self.selector is not None:
             fully_shard(self.selector, mesh=mesh)
+        if self.token_gate is not None:
+            fully_shard(self.token_gate, mesh=mesh)
         self._sharded = True
 
     @property
@@ -214,6 +243,15 @@ class FusionModule(pl.LightningModule):
         hidden = getattr(self.target_config, "hidden_size", None) or self.target.get_input_embeddings().embedding_dim
         return Selector(len(self.source_specs), hidden, h.selector_features, h.selector_width, h.top_k, h.threshold,
                         prior=h.selector_prior)
+
+    @property
+    def per_token(self) -> bool:
+        return self.hparams.get("selection", "sequence") == "token"  # .get: checkpoints from before the option
+
+    def build_token_gate(self) -> TokenGate:
+        h = self.hparams
+        hidden = getattr(self.target_config, "hidden_size", None) or self.target.get_input_embeddings().embedding_dim
+        return TokenGate(len(self.source_specs), hidden, h.token_features, h.token_width)
 
     def build_sources(self) -> list[FrozenSource]:
         """Load every declared source, check its vocabulary against the target's and freeze it."""
@@ -258,6 +296,11 @@ class FusionModule(pl.LightningModule):
         state = checkpoint.get("state_dict", {})
         if "selector.mlp.2.weight" not in state or self.selector is None or old_names == self.source_names:
             return
+        if self.token_gate is not None:
+            raise ValueError(
+                "sources cannot be added on resume with `--model.selection token` (the per-token gate has one output "
+                "per source): resume with the checkpoint's sources, or start a new fit without --ckpt_path."
+            )
         h = self.hparams
         old = Selector(len(old_names), self.target_config.hidden_size, h.selector_features, h.selector_width, 1,
                        prior=h.selector_prior)
@@ -273,7 +316,8 @@ class FusionModule(pl.LightningModule):
         log.info("selector grown from %d to %d sources (new: %s)", len(old_names), len(self.source_names),
                  self.source_names[len(old_names):])
 
-    _FIXED_ON_RESUME = ("target", "tokenizer", "strategy", "selector_features", "selector_width", "selector_prior")
+    _FIXED_ON_RESUME = ("target", "tokenizer", "strategy", "selector_features", "selector_width", "selector_prior",
+                        "selection", "token_features", "token_width")
 
     def _check_resume(self, saved: dict[str, Any], old_specs: list[dict[str, Any]]) -> None:
         """Refuse settings that cannot change on resume (naming each); log the ones that changed."""
@@ -369,7 +413,9 @@ class FusionModule(pl.LightningModule):
     @property
     def needs_hidden_states(self) -> bool:
         """Whether a step asks the target for its hidden states: only the adaptive selector reading them does."""
-        return self.sources_needed and self.hparams.strategy == "adaptive" and self.hparams.selector_features != "rewards"
+        h = self.hparams
+        token_hidden = self.per_token and h.get("token_features") != "signals"
+        return self.sources_needed and h.strategy == "adaptive" and (h.selector_features != "rewards" or token_hidden)
 
     def selector_features(
         self, outputs: list[SourceOutput], hidden: Tensor | None, attention_mask: Tensor
@@ -447,7 +493,10 @@ class FusionModule(pl.LightningModule):
         if h.strategy == "clm":
             result["loss"] = finish_clm(student_stats(inputs, gold.unsqueeze(-1), head_weight=head[0], head_bias=head[1]))
             return result
-        weights = selection.weights
+        if self.per_token:  # the per-sequence choice keeps the sources; a per-position gate / baseline mixes them
+            selection = self.token_fusion_weights(selection, outputs, hidden, mask, ran)
+            result["selection"] = selection
+        weights = selection.weights if selection.token_weights is None else selection.token_weights
         if warmup:  # distil the CE ranking's top-K while the selector learns (it still gets its own loss below)
             weights = self.selector.select(-result["source_ce"].float()).weights
         teacher = self.fuse_distributions(outputs, weights.detach())
@@ -463,12 +512,25 @@ class FusionModule(pl.LightningModule):
             gold_lp = torch.stack([o.gold_logprob for o in outputs], dim=1)
             result["selector_loss"] = mixture_nll(gold_lp, selection.gate, mask, available=ran)
             loss = loss + result["selector_loss"]
+            gate, kept = selection.gate, selection.mask
+            if selection.token_gate is not None:  # per-token: the gate's objective and shares are per position
+                result["token_selector_loss"] = token_mixture_nll(gold_lp.transpose(1, 2), selection.token_gate, mask)
+                loss = loss + result["token_selector_loss"]
+                gate, kept = selection.token_gate[mask], selection.mask.unsqueeze(1).expand_as(selection.token_gate)[mask]
+                result["token_stats"] = (gate, kept)
             feedback = self.feedback
             if feedback is not None and stage == "train" and feedback.beta > 0:
-                result["feedback"] = feedback.loss(selection.gate, selection.mask)
+                result["feedback"] = feedback.loss(gate, kept)
                 loss = loss + feedback.beta * result["feedback"]
         result["loss"] = loss
         return result
+
+    def token_fusion_weights(
+        self, selection: Selection, outputs: list[SourceOutput], hidden: Tensor | None, mask: Tensor, ran: Tensor | None
+    ) -> Selection:
+        """Per-token selection (``selection: token``): per-position weights over each row's kept sources."""
+        return token_selection(self.hparams.strategy, selection, outputs, mask, self.token_gate, hidden, ran,
+                               self.hparams.token_window)
 
     def _target_forward(self, batch: dict[str, Tensor], want_hidden: bool) -> tuple[Tensor, tuple, Tensor | None]:
         """``(inputs, (head_weight, head_bias), hidden)``: the target's last hidden state and its LM head, so that the
@@ -504,7 +566,7 @@ class FusionModule(pl.LightningModule):
         self._fault_context = f"step {self.global_step}, batch {batch_idx}"
         try:
             r = self._step(batch, "train")
-            parts = {k: r[k] for k in ("clm", "kd", "selector_loss", "feedback") if k in r}
+            parts = {k: r[k] for k in ("clm", "kd", "selector_loss", "token_selector_loss", "feedback") if k in r}
             fault = None
             for name, out in zip(self.source_names, r.get("outputs") or []):
                 lp = out.dist.logprobs[out.dist.ids >= 0]  # -1 = empty slot (a row the source did not run on)
@@ -530,7 +592,11 @@ class FusionModule(pl.LightningModule):
             self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
             ret: dict[str, Any] = {"loss": r["loss"]}
             if "selection" in r:
-                ret.update(selection_gate=r["selection"].gate.detach(), selection_mask=r["selection"].mask.detach())
+                gate, kept = r.get("token_stats") or (r["selection"].gate, r["selection"].mask)
+                ret.update(selection_gate=gate.detach(), selection_mask=kept.detach(),
+                           selection_weights=r["selection"].weights.detach())
+                if r["selection"].token_weights is not None:
+                    ret["selection_token_weights"] = r["selection"].token_weights.detach()[r["mask"]]
             return ret
         finally:
             self._fault_context = None
@@ -673,7 +739,10 @@ class FusionModule(pl.LightningModule):
         target_params = [p for p in self.target.parameters() if p.requires_grad]
         groups = [{"params": target_params, "lr": h.learning_rate, "weight_decay": h.weight_decay}]
         if self.selector is not None and h.strategy == "adaptive":
-            groups.append({"params": list(self.selector.parameters()), "lr": h.selector_learning_rate, "weight_decay": 0.0})
+            params = list(self.selector.parameters())
+            if self.token_gate is not None:  # one group: on_load_checkpoint's optimizer-state bookkeeping stays as is
+                params += list(self.token_gate.parameters())
+            groups.append({"params": params, "lr": h.selector_learning_rate, "weight_decay": 0.0})
         return groups
 
     def configure_optimizers(self) -> Any:
@@ -716,6 +785,22 @@ def _scatter_rows(sub: SourceOutput | None, idx: Tensor, shape: torch.Size, k: i
         gold[idx] = sub.gold_logprob
         ce[idx] = sub.ce
     return SourceOutput(SparseDist(ids, logprobs), gold, ce)
+
+
+def _validate_token(selection: str, strategy: str, features: str, width: int, window: int) -> None:
+    problems = []
+    if selection not in ("sequence", "token"):
+        problems.append(f"`--model.selection` can be sequence, token, got {selection!r}.")
+    if selection == "token" and strategy == "clm":
+        problems.append("`--model.selection token` needs a fusion strategy (not clm, which distils nothing).")
+    if features not in TOKEN_FEATURES:
+        problems.append(f"`--model.token_features` can be {', '.join(TOKEN_FEATURES)}, got {features!r}.")
+    if width < 1:
+        problems.append(f"`--model.token_width` must be >= 1, got {width}.")
+    if window < 1:
+        problems.append(f"`--model.token_window` must be >= 1 (1 = no smoothing), got {window}.")
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 def _validate_routing(routing: str, strategy: str, features: str, explore: float, warmup_steps: int = 0) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "matrix_table",
     "plot_history",
     "plot_matrix",
+    "read_image",
     "read_scalars",
     "selection_history",
     "selection_matrix",
@@ -65,6 +66,21 @@ def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
     acc = EventAccumulator(str(event_dir(run_dir)), size_guidance={"scalars": 0}).Reload()
     return {tag: [(int(e.step), float(e.value)) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_image(run_dir: str | Path, tag: str = "selection/val_tokens") -> tuple[int, np.ndarray] | None:
+    """``(step, [H, W, 3] uint8)`` of the last image logged under ``tag`` (e.g. ``selection/val_tokens`` from the
+    ``TokenPictureLogger``, ``selection/val_matrix`` from the ``SelectionMatrixLogger``), or None if there is none."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(event_dir(run_dir)), size_guidance={"images": 0}).Reload()
+    if tag not in acc.Tags()["images"]:
+        return None
+    event = acc.Images(tag)[-1]
+    return int(event.step), np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
 
 
 def latest(scalars: Mapping[str, Sequence[tuple[int, float]]]) -> dict[str, float]:

@@ -30,12 +30,17 @@ class Selection:
     Attributes:
         gate: ``[B, N]`` softmax scores (differentiable w.r.t. the selector).
         mask: ``[B, N]`` bool, the kept sources (top-K or ``gate >= threshold``, always at least the argmax).
-        weights: ``[B, N]`` ``gate * mask`` renormalised over the kept sources (rows sum to 1).
+        weights: ``[B, N]`` ``gate * mask`` renormalised over the kept sources (rows sum to 1); with per-token
+            selection, each source's share of the row's gold positions.
+        token_weights: ``[B, L, N]`` per-position fusion weights (per-token selection only, else None).
+        token_gate: ``[B, L, N]`` the per-position gate over every source that ran (adaptive per-token only).
     """
 
     gate: Tensor
     mask: Tensor
     weights: Tensor
+    token_weights: Tensor | None = None
+    token_gate: Tensor | None = None
 
 
 class Selector(nn.Module):

@@ -87,7 +87,8 @@ class Encoder:
         flat = [t for row in texts for t in row]
         # verbose=False: documents longer than the model's max length are expected (they are cut into blocks);
         # split_special_tokens: data text is literal, '<eos>' in a document is characters, not a control token
-        enc = iter(tok(flat, add_special_tokens=False, verbose=False, split_special_tokens=True)["input_ids"])
+        enc = iter(tok(flat, add_special_tokens=False, verbose=False, split_special_tokens=True)["input_ids"]
+                   if flat else [])
         out = []
         for row_flags in flags:
             ids: list[int] = []
@@ -237,7 +238,7 @@ def _auto_num_proc(inputs: list[PartInput]) -> int:
     """Processes for tokenisation: one for small corpora (starting processes costs more), else one per core (<= 8)."""
     total = sum(p.num_bytes for p in inputs)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 1 if total < 32 * PIECE_CHARS * _BATCH else max(1, min(8, cores))
+    return 1 if total < 8 << 20 else max(1, min(8, cores))
 
 
 def _build(
@@ -310,13 +311,17 @@ def file_rows(paths: list[str], field: str, messages: bool) -> Iterator[dict[str
     """Rows of documents from files for ``Dataset.from_generator``: pieces grouped up to ``PIECE_CHARS``
     characters per row (``texts`` + ``eos``), or one conversation per row (``messages``, as JSON text)."""
     if messages:
+        empty = True
         for path in paths:
             for value, _ in iter_records(Path(path), field):
+                empty = False
                 yield {"messages": json.dumps(value)}
+        if empty:  # files without a document: one empty row (then "too little text"), not a datasets error
+            yield {"messages": "[]"}
         return
     texts: list[str] = []
     flags: list[bool] = []
-    size = 0
+    size, yielded = 0, False
     for path in paths:
         for piece, last in iter_records(Path(path), field):
             if not isinstance(piece, str):
@@ -326,8 +331,8 @@ def file_rows(paths: list[str], field: str, messages: bool) -> Iterator[dict[str
             size += len(piece)
             if size >= PIECE_CHARS:
                 yield {"texts": texts, "eos": flags}
-                texts, flags, size = [], [], 0
-    if texts:
+                texts, flags, size, yielded = [], [], 0, True
+    if texts or not yielded:
         yield {"texts": texts, "eos": flags}
 
 

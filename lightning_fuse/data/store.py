@@ -41,13 +41,15 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from lightning_fuse.data.chat import encode_chat
-from lightning_fuse.data.texts import PIECE_CHARS, iter_records
+from lightning_fuse.data.texts import PIECE_CHARS, iter_records, split_text
 
 log = logging.getLogger(__name__)
 
 STORE_VERSION = 1
 META = "store.json"
-_BATCH = 64  # rows per tokenisation call (a row holds up to PIECE_CHARS characters)
+_BATCH = 64  # rows per map call (a row holds about PIECE_CHARS characters)
+_TEXT_BATCH = 128  # dataset rows (one document each) per map call
+CALL_CHARS = 1 << 20  # characters per tokenizer call
 
 
 @dataclass
@@ -66,6 +68,16 @@ class PartInput:
     num_bytes: int = 0
 
 
+def _list_column(rows: list[np.ndarray]) -> Any:
+    """Variable-length int32 rows as one Arrow list column (no Python ints in between)."""
+    import pyarrow as pa
+
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    values = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, np.int32)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(pa.list_(pa.int32()))
+
+
 @dataclass
 class Encoder:
     """Tokenises a batch of document rows (picklable: it runs in ``Dataset.map``'s processes)."""
@@ -74,28 +86,46 @@ class Encoder:
     column: str
     where: str = "messages"
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+    def __call__(self, batch: dict[str, list]) -> Any:
+        import pyarrow as pa
+
         if self.column == "messages":
             ids, labels = encode_chat(self.tokenizer, batch["messages"], self.where)
-            return {"input_ids": ids, "labels": labels}
+            return pa.table({"input_ids": _list_column(ids), "labels": _list_column(labels)})
         tok = self.tokenizer
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        if self.column == "text":
-            texts, flags = [[t if t is not None else ""] for t in batch["text"]], [[True] for _ in batch["text"]]
+        eos = np.asarray([tok.eos_token_id] if tok.eos_token_id is not None else [], dtype=np.int32)
+        if self.column == "text":  # one document per row: long ones in pieces
+            texts = [split_text(t if t is not None else "") for t in batch["text"]]
+            flags = [[i == len(row) - 1 for i in range(len(row))] for row in texts]
         else:
             texts, flags = batch["texts"], batch["eos"]
         flat = [t for row in texts for t in row]
-        # verbose=False: documents longer than the model's max length are expected (they are cut into blocks);
-        # split_special_tokens: data text is literal, '<eos>' in a document is characters, not a control token
-        enc = iter(tok(flat, add_special_tokens=False, verbose=False, split_special_tokens=True)["input_ids"]
-                   if flat else [])
+        enc = iter(_tokenize(tok, flat))
         out = []
         for row_flags in flags:
-            ids: list[int] = []
+            parts = []
             for last in row_flags:
-                ids += next(enc) + (eos if last else [])
-            out.append(np.asarray(ids, dtype=np.int32))
-        return {"input_ids": out}
+                parts.append(np.asarray(next(enc), dtype=np.int32))
+                if last:
+                    parts.append(eos)
+            out.append(np.concatenate(parts) if parts else np.zeros(0, np.int32))
+        return pa.table({"input_ids": _list_column(out)})
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> Iterator[list[int]]:
+    """Token ids of each text, tokenised ``CALL_CHARS`` characters at a time (the tokenizer's encodings cost ~150
+    bytes per token while they live)."""
+    start = 0
+    while start < len(texts):
+        stop, size = start, 0
+        while stop < len(texts) and (stop == start or size + len(texts[stop]) <= CALL_CHARS):
+            size += len(texts[stop])
+            stop += 1
+        # verbose=False: documents longer than the model's max length are expected (they are cut into blocks);
+        # split_special_tokens: data text is literal, '<eos>' in a document is characters, not a control token
+        yield from tokenizer(texts[start:stop], add_special_tokens=False, verbose=False,
+                             split_special_tokens=True)["input_ids"]
+        start = stop
 
 
 @dataclass
@@ -108,18 +138,22 @@ class Packer:
     carry: dict[str, np.ndarray] = field(default_factory=dict)
     digest: Any = field(default_factory=hashlib.sha256)
 
-    def __call__(self, table: Any) -> dict[str, np.ndarray]:
+    def __call__(self, table: Any) -> Any:
+        import pyarrow as pa
+
         cols = ("input_ids", "labels") if self.labels else ("input_ids",)
         flat = {c: np.concatenate([self.carry.get(c, np.zeros(0, np.int32)),
                                    table.column(c).combine_chunks().flatten().to_numpy()]) for c in cols}
         n = len(flat["input_ids"]) // self.block_size
         cut = n * self.block_size
-        self.carry = {c: v[cut:] for c, v in flat.items()}
-        out = {c: np.ascontiguousarray(v[:cut], dtype="<i4").reshape(n, self.block_size) for c, v in flat.items()}
+        self.carry = {c: v[cut:].copy() for c, v in flat.items()}
+        out = {}
         for c in cols:
-            self.digest.update(out[c].tobytes())
+            block = np.ascontiguousarray(flat[c][:cut], dtype="<i4")
+            self.digest.update(block.tobytes())
+            out[c] = pa.FixedSizeListArray.from_arrays(pa.array(block), self.block_size)
         self.rows += n
-        return out
+        return pa.table(out)
 
 
 def tokenizer_definition_hash(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -263,14 +297,15 @@ def _build(
                 encode = Encoder(tokenizer, column, where=f"{p.domain}/{p.part}")
                 cols = [c for c in docs.column_names]
                 tok = docs.map(
-                    encode, batched=True, batch_size=_BATCH, writer_batch_size=_BATCH, remove_columns=cols,
+                    encode, batched=True, batch_size=_TEXT_BATCH if column == "text" else _BATCH,
+                    writer_batch_size=_BATCH, remove_columns=cols,
                     num_proc=procs if procs > 1 and n_docs > 1 else None, features=_features(None, labels),
                     new_fingerprint=uuid.uuid4().hex, cache_file_name=str(work / f"{p.domain}-{p.part}-tok.arrow"),
                     desc=f"tokenising {p.domain}/{p.part}",
                 )
                 packer = Packer(block_size, labels)
                 blocks = tok.with_format("arrow").map(
-                    packer, batched=True, batch_size=1024, remove_columns=tok.column_names,
+                    packer, batched=True, batch_size=16, remove_columns=tok.column_names,
                     features=_features(block_size, labels), new_fingerprint=uuid.uuid4().hex,
                     cache_file_name=str(work / f"{p.domain}-{p.part}-blocks.arrow"), desc=f"packing {p.domain}/{p.part}",
                 )
@@ -346,7 +381,7 @@ def files_input(domain: str, part: str, paths: list[Path], field: str, messages:
                     Features({"texts": [Value("string")], "eos": [Value("bool")]}))
         return Dataset.from_generator(
             file_rows, gen_kwargs={"paths": [str(p) for p in paths], "field": field, "messages": messages},
-            cache_dir=str(cache_dir), features=features,
+            cache_dir=str(cache_dir), features=features, writer_batch_size=_BATCH,
         )
 
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]

@@ -268,11 +268,14 @@ def _key(inputs: list[PartInput], tokenizer: PreTrainedTokenizerBase, block_size
     return key_source, hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _auto_num_proc(inputs: list[PartInput]) -> int:
-    """Processes for tokenisation: one for small corpora (starting processes costs more), else one per core (<= 8)."""
+def _auto_num_proc(inputs: list[PartInput], tokenizer: PreTrainedTokenizerBase) -> int:
+    """Processes for tokenisation: one for a fast tokenizer (its Rust encoder already spreads each batch over the
+    cores; measured in benchmarks/scale.py) or a small corpus, else one per core (at most 8)."""
     total = sum(p.num_bytes for p in inputs)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 1 if total < 8 << 20 else max(1, min(8, cores))
+    if getattr(tokenizer, "is_fast", False) or total < 8 << 20:
+        return 1
+    return max(1, min(8, cores))
 
 
 def _build(
@@ -284,7 +287,7 @@ def _build(
     tmp = root.parent / f"{root.name}.tmp-{uuid.uuid4().hex[:8]}"
     work = tmp / "_work"
     work.mkdir(parents=True)
-    procs = num_proc or _auto_num_proc(inputs)
+    procs = num_proc or _auto_num_proc(inputs, tokenizer)
     labels = column == "messages"
     start = time.perf_counter()
     parts: dict[str, dict[str, dict[str, Any]]] = {}

@@ -306,3 +306,12 @@ def test_chat_hf_dataset_through_the_cli_offline(tiny_world, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "last validation (step 2)" in proc.stdout
     assert list((tmp_path / "blocks").glob("*/default/dataset_dict.json"))
+
+
+def test_a_file_without_documents_is_too_little_text(tiny_world, tmp_path):
+    (tmp_path / "c" / "empty").mkdir(parents=True)
+    (tmp_path / "c" / "empty" / "a.jsonl").write_text("\n\n")
+    dm = TextDataModule(str(tmp_path / "c"), block_size=32)
+    dm.connect(_tokenizer(tiny_world))
+    with pytest.raises(ValueError, match=r"^Domain 'empty' has too little text"):
+        dm.setup("fit")

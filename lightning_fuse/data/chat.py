@@ -49,6 +49,8 @@ def render_chat(
     """The conversation rendered with the tokenizer's chat template, and the ``[start, end)`` character spans of its
     assistant replies (with their end-of-turn marker, without the role header)."""
     messages = list(messages)
+    if not messages:
+        return "", []
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, message in enumerate(messages):
@@ -70,7 +72,10 @@ def encode_chat(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Token ids and labels (ids on assistant tokens, -100 elsewhere) of each conversation, as int32 arrays."""
     rendered = [render_chat(tokenizer, _messages(c, where)) for c in conversations]
-    enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    texts = [t for t, _ in rendered]
+    if not any(texts):  # transformers cannot encode an empty batch
+        return [np.zeros(0, np.int32) for _ in texts], [np.zeros(0, np.int32) for _ in texts]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     all_ids, all_labels = [], []
     for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered):
         ids = np.asarray(ids, dtype=np.int32)

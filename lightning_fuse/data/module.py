@@ -74,7 +74,8 @@ class TextDataModule(pl.LightningDataModule):
             ``val_fraction`` of the blocks is held out).
         tokenized_dir: where the tokenised blocks are stored (default ``<data_dir>/.fuse_cache/blocks``, or
             ``$LIGHTNING_FUSE_CACHE/blocks`` for datasets).
-        num_proc: processes that tokenise (default: 1 for small corpora, else one per core up to 8).
+        num_proc: processes that tokenise (default: 1 for a fast tokenizer, whose Rust encoder already uses
+            every core, or a small corpus; else one per core up to 8).
     """
 
     def __init__(

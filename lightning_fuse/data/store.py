@@ -41,13 +41,15 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from lightning_fuse.data.chat import encode_chat
-from lightning_fuse.data.texts import PIECE_CHARS, iter_records
+from lightning_fuse.data.texts import PIECE_CHARS, iter_records, split_text
 
 log = logging.getLogger(__name__)
 
 STORE_VERSION = 1
 META = "store.json"
-_BATCH = 64  # rows per tokenisation call (a row holds up to PIECE_CHARS characters)
+_BATCH = 64  # rows per map call (a row holds about PIECE_CHARS characters)
+_TEXT_BATCH = 128  # dataset rows (one document each) per map call
+CALL_CHARS = 1 << 20  # characters per tokenizer call
 
 
 @dataclass
@@ -66,6 +68,16 @@ class PartInput:
     num_bytes: int = 0
 
 
+def _list_column(rows: list[np.ndarray]) -> Any:
+    """Variable-length int32 rows as one Arrow list column (no Python ints in between)."""
+    import pyarrow as pa
+
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    values = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, np.int32)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(pa.list_(pa.int32()))
+
+
 @dataclass
 class Encoder:
     """Tokenises a batch of document rows (picklable: it runs in ``Dataset.map``'s processes)."""
@@ -74,27 +86,46 @@ class Encoder:
     column: str
     where: str = "messages"
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+    def __call__(self, batch: dict[str, list]) -> Any:
+        import pyarrow as pa
+
         if self.column == "messages":
             ids, labels = encode_chat(self.tokenizer, batch["messages"], self.where)
-            return {"input_ids": ids, "labels": labels}
+            return pa.table({"input_ids": _list_column(ids), "labels": _list_column(labels)})
         tok = self.tokenizer
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        if self.column == "text":
-            texts, flags = [[t if t is not None else ""] for t in batch["text"]], [[True] for _ in batch["text"]]
+        eos = np.asarray([tok.eos_token_id] if tok.eos_token_id is not None else [], dtype=np.int32)
+        if self.column == "text":  # one document per row: long ones in pieces
+            texts = [split_text(t if t is not None else "") for t in batch["text"]]
+            flags = [[i == len(row) - 1 for i in range(len(row))] for row in texts]
         else:
             texts, flags = batch["texts"], batch["eos"]
         flat = [t for row in texts for t in row]
-        # verbose=False: documents longer than the model's max length are expected (they are cut into blocks);
-        # split_special_tokens: data text is literal, '<eos>' in a document is characters, not a control token
-        enc = iter(tok(flat, add_special_tokens=False, verbose=False, split_special_tokens=True)["input_ids"])
+        enc = iter(_tokenize(tok, flat))
         out = []
         for row_flags in flags:
-            ids: list[int] = []
+            parts = []
             for last in row_flags:
-                ids += next(enc) + (eos if last else [])
-            out.append(np.asarray(ids, dtype=np.int32))
-        return {"input_ids": out}
+                parts.append(np.asarray(next(enc), dtype=np.int32))
+                if last:
+                    parts.append(eos)
+            out.append(np.concatenate(parts) if parts else np.zeros(0, np.int32))
+        return pa.table({"input_ids": _list_column(out)})
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> Iterator[list[int]]:
+    """Token ids of each text, tokenised ``CALL_CHARS`` characters at a time (the tokenizer's encodings cost ~150
+    bytes per token while they live)."""
+    start = 0
+    while start < len(texts):
+        stop, size = start, 0
+        while stop < len(texts) and (stop == start or size + len(texts[stop]) <= CALL_CHARS):
+            size += len(texts[stop])
+            stop += 1
+        # verbose=False: documents longer than the model's max length are expected (they are cut into blocks);
+        # split_special_tokens: data text is literal, '<eos>' in a document is characters, not a control token
+        yield from tokenizer(texts[start:stop], add_special_tokens=False, verbose=False,
+                             split_special_tokens=True)["input_ids"]
+        start = stop
 
 
 @dataclass
@@ -107,18 +138,22 @@ class Packer:
     carry: dict[str, np.ndarray] = field(default_factory=dict)
     digest: Any = field(default_factory=hashlib.sha256)
 
-    def __call__(self, table: Any) -> dict[str, np.ndarray]:
+    def __call__(self, table: Any) -> Any:
+        import pyarrow as pa
+
         cols = ("input_ids", "labels") if self.labels else ("input_ids",)
         flat = {c: np.concatenate([self.carry.get(c, np.zeros(0, np.int32)),
                                    table.column(c).combine_chunks().flatten().to_numpy()]) for c in cols}
         n = len(flat["input_ids"]) // self.block_size
         cut = n * self.block_size
-        self.carry = {c: v[cut:] for c, v in flat.items()}
-        out = {c: np.ascontiguousarray(v[:cut], dtype="<i4").reshape(n, self.block_size) for c, v in flat.items()}
+        self.carry = {c: v[cut:].copy() for c, v in flat.items()}
+        out = {}
         for c in cols:
-            self.digest.update(out[c].tobytes())
+            block = np.ascontiguousarray(flat[c][:cut], dtype="<i4")
+            self.digest.update(block.tobytes())
+            out[c] = pa.FixedSizeListArray.from_arrays(pa.array(block), self.block_size)
         self.rows += n
-        return out
+        return pa.table(out)
 
 
 def tokenizer_definition_hash(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -233,11 +268,14 @@ def _key(inputs: list[PartInput], tokenizer: PreTrainedTokenizerBase, block_size
     return key_source, hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _auto_num_proc(inputs: list[PartInput]) -> int:
-    """Processes for tokenisation: one for small corpora (starting processes costs more), else one per core (<= 8)."""
+def _auto_num_proc(inputs: list[PartInput], tokenizer: PreTrainedTokenizerBase) -> int:
+    """Processes for tokenisation: one for a fast tokenizer (its Rust encoder already spreads each batch over the
+    cores; measured in benchmarks/scale.py) or a small corpus, else one per core (at most 8)."""
     total = sum(p.num_bytes for p in inputs)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 1 if total < 32 * PIECE_CHARS * _BATCH else max(1, min(8, cores))
+    if getattr(tokenizer, "is_fast", False) or total < 8 << 20:
+        return 1
+    return max(1, min(8, cores))
 
 
 def _build(
@@ -249,7 +287,7 @@ def _build(
     tmp = root.parent / f"{root.name}.tmp-{uuid.uuid4().hex[:8]}"
     work = tmp / "_work"
     work.mkdir(parents=True)
-    procs = num_proc or _auto_num_proc(inputs)
+    procs = num_proc or _auto_num_proc(inputs, tokenizer)
     labels = column == "messages"
     start = time.perf_counter()
     parts: dict[str, dict[str, dict[str, Any]]] = {}
@@ -262,14 +300,15 @@ def _build(
                 encode = Encoder(tokenizer, column, where=f"{p.domain}/{p.part}")
                 cols = [c for c in docs.column_names]
                 tok = docs.map(
-                    encode, batched=True, batch_size=_BATCH, writer_batch_size=_BATCH, remove_columns=cols,
+                    encode, batched=True, batch_size=_TEXT_BATCH if column == "text" else _BATCH,
+                    writer_batch_size=_BATCH, remove_columns=cols,
                     num_proc=procs if procs > 1 and n_docs > 1 else None, features=_features(None, labels),
                     new_fingerprint=uuid.uuid4().hex, cache_file_name=str(work / f"{p.domain}-{p.part}-tok.arrow"),
                     desc=f"tokenising {p.domain}/{p.part}",
                 )
                 packer = Packer(block_size, labels)
                 blocks = tok.with_format("arrow").map(
-                    packer, batched=True, batch_size=1024, remove_columns=tok.column_names,
+                    packer, batched=True, batch_size=16, remove_columns=tok.column_names,
                     features=_features(block_size, labels), new_fingerprint=uuid.uuid4().hex,
                     cache_file_name=str(work / f"{p.domain}-{p.part}-blocks.arrow"), desc=f"packing {p.domain}/{p.part}",
                 )
@@ -310,13 +349,17 @@ def file_rows(paths: list[str], field: str, messages: bool) -> Iterator[dict[str
     """Rows of documents from files for ``Dataset.from_generator``: pieces grouped up to ``PIECE_CHARS``
     characters per row (``texts`` + ``eos``), or one conversation per row (``messages``, as JSON text)."""
     if messages:
+        empty = True
         for path in paths:
             for value, _ in iter_records(Path(path), field):
+                empty = False
                 yield {"messages": json.dumps(value)}
+        if empty:  # files without a document: one empty row (then "too little text"), not a datasets error
+            yield {"messages": "[]"}
         return
     texts: list[str] = []
     flags: list[bool] = []
-    size = 0
+    size, yielded = 0, False
     for path in paths:
         for piece, last in iter_records(Path(path), field):
             if not isinstance(piece, str):
@@ -326,8 +369,8 @@ def file_rows(paths: list[str], field: str, messages: bool) -> Iterator[dict[str
             size += len(piece)
             if size >= PIECE_CHARS:
                 yield {"texts": texts, "eos": flags}
-                texts, flags, size = [], [], 0
-    if texts:
+                texts, flags, size, yielded = [], [], 0, True
+    if texts or not yielded:
         yield {"texts": texts, "eos": flags}
 
 
@@ -341,7 +384,7 @@ def files_input(domain: str, part: str, paths: list[Path], field: str, messages:
                     Features({"texts": [Value("string")], "eos": [Value("bool")]}))
         return Dataset.from_generator(
             file_rows, gen_kwargs={"paths": [str(p) for p in paths], "field": field, "messages": messages},
-            cache_dir=str(cache_dir), features=features,
+            cache_dir=str(cache_dir), features=features, writer_batch_size=_BATCH,
         )
 
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]

@@ -31,6 +31,22 @@ def _bad_line(path: Path, lineno: int, field: str, err: Exception) -> ValueError
     return ValueError(f"{path}:{lineno}: expected a JSON object with a {field!r} field ({err}).")
 
 
+def split_text(text: str, size: int | None = None) -> list[str]:
+    """``text`` in pieces of at most ``size`` characters (default ``PIECE_CHARS``), each cut after its last newline
+    when it has one: a long document is tokenised piece by piece, in bounded memory. Short texts stay whole."""
+    size = size or PIECE_CHARS
+    if len(text) <= size:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = text.rfind("\n", start, start + size) + 1
+        cut = cut if cut > start else start + size
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
 def read_texts(path: Path, text_field: str = "text") -> list[str]:
     """Documents of one .txt (one document) or .jsonl (one per line, ``text_field``) file, read whole."""
     raw = path.read_bytes()
@@ -58,7 +74,7 @@ def iter_records(path: Path, field: str = "text") -> Iterator[tuple[object, bool
 
     A .txt file is one document, given in pieces of about ``PIECE_CHARS`` characters cut after a newline (``last``
     marks its final piece; the EOS follows only that one); a .jsonl file gives ``field`` of each line (one document
-    each, ``last`` always true). The errors are ``read_texts``'s: not UTF-8, NUL bytes, a malformed line.
+    each, a long text in pieces the same way; a non-text value, e.g. a conversation, whole). The errors are ``read_texts``'s: not UTF-8, NUL bytes, a malformed line.
     """
     if path.suffix == ".jsonl":
         with open(path, "rb") as f:
@@ -72,9 +88,15 @@ def iter_records(path: Path, field: str = "text") -> Iterator[tuple[object, bool
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)[field], True
+                    value = json.loads(line)[field]
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
                     raise _bad_line(path, lineno, field, err) from err
+                if not isinstance(value, str):
+                    yield value, True
+                    continue
+                pieces = split_text(value, PIECE_CHARS)
+                for i, piece in enumerate(pieces):
+                    yield piece, i == len(pieces) - 1
         return
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, buf = 0, ""

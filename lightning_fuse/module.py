@@ -36,6 +36,7 @@ from lightning_fuse.fusion import (
     sequence_ce,
 )
 from lightning_fuse.logits import plain_lm_head
+from lightning_fuse.schedule import LR_SCHEDULES, LRSchedule, lr_factor
 from lightning_fuse.selector import Selection, Selector, SelectorFeatures
 from lightning_fuse.sources import (
     DType,
@@ -91,6 +92,11 @@ class FusionModule(pl.LightningModule):
         selector_learning_rate: AdamW learning rate of the selector.
         weight_decay: AdamW weight decay of the target.
         warmup_steps: linear learning-rate warm-up steps.
+        lr_schedule: after the warm-up, ``constant`` or ``cosine`` (decay to ``lr_floor`` x the peak at the
+            trainer's last step, ``max_steps`` or its estimate; ``lightning_fuse.schedule``). Gradient clipping is
+            Lightning's own: ``--trainer.gradient_clip_val 1.0`` (clips the target's, the selector's and the token
+            gate's gradients together).
+        lr_floor: the cosine schedule's final share of the peak learning rate, in [0, 1].
         on_nonfinite: what a NaN/inf loss does: ``stop`` (raise, naming the step and the part) or ``skip_batch``.
         offline: read the sources' top-k outputs from the batch (``batch["cached"]``, see ``lightning-fuse
             precompute``) instead of loading and running the sources.
@@ -145,6 +151,8 @@ class FusionModule(pl.LightningModule):
         selector_learning_rate: float = 1e-2,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_schedule: LRSchedule = "constant",
+        lr_floor: float = 0.1,
         on_nonfinite: Literal["stop", "skip_batch"] = "stop",
         offline: bool = False,
         routing: Literal["after_sources", "before_sources"] = "after_sources",
@@ -164,6 +172,9 @@ class FusionModule(pl.LightningModule):
                   target=target, tokenizer=tokenizer, learning_rates=(learning_rate, selector_learning_rate))
         _validate_routing(routing, strategy, selector_features, explore, selector_warmup_steps)
         _validate_token(selection, strategy, token_features, token_width, token_window)
+        if lr_schedule not in LR_SCHEDULES or not 0.0 <= lr_floor <= 1.0:
+            raise ValueError(f"`--model.lr_schedule` can be {', '.join(LR_SCHEDULES)} (got {lr_schedule!r}) and "
+                             f"`--model.lr_floor` must be in [0, 1] (got {lr_floor}).")
         self.save_hyperparameters(ignore=["sources"])
         self.hparams["sources"] = [asdict(s) for s in specs]  # plain dicts: checkpoints need no pickled classes
         self.source_specs = specs
@@ -753,7 +764,11 @@ class FusionModule(pl.LightningModule):
         log.info("trainable parameters: %s (target + selector); frozen source parameters: %s", f"{trainable:,}", f"{frozen:,}")
         optimizer = torch.optim.AdamW(groups)
         warmup = max(h.warmup_steps, 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        schedule, floor = h.get("lr_schedule", "constant"), h.get("lr_floor", 0.1)  # .get: older checkpoints
+        total = None
+        if schedule != "constant" and self._trainer is not None:
+            total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, schedule, floor))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

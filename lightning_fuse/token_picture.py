@@ -168,7 +168,7 @@ class TokenPictureLogger(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         batch, self._batch = self._batch, None
         writers = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_image")]
-        if batch is None or not writers or not trainer.is_global_zero:
+        if batch is None or not writers:
             return
         try:
             import matplotlib  # noqa: F401
@@ -178,8 +178,9 @@ class TokenPictureLogger(Callback):
                 self._warned = True
             return
         domains = getattr(getattr(trainer, "datamodule", None), "domains", None)
+        # every process runs the step (an FSDP-sharded target all-gathers its weights in it); only rank 0 draws
         rows = taught_rows(pl_module, batch, self.rows, domains)
-        if not rows:
+        if not rows or not trainer.is_global_zero:
             return
         mode = "per token" if pl_module.hparams.get("selection", "sequence") == "token" else "per sequence"
         fig = plot_token_sources(rows, pl_module.source_names, self.width,

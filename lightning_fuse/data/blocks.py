@@ -189,7 +189,7 @@ class BlockView:
         if isinstance(key, int):
             return self[np.asarray([key])][0]
         if isinstance(key, slice):
-            pos = np.arange(n)[key]
+            pos = np.arange(*key.indices(n))
         else:
             arr = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
             pos = np.flatnonzero(arr) if arr.dtype == bool else arr.astype(np.int64)

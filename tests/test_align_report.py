@@ -19,7 +19,7 @@ def other_source(tiny_world, tmp_path_factory):
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "lightning_fuse", "align-report", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env, timeout=1800)
 
 
 def test_align_report_with_source_target_text(tiny_world, other_source, tmp_path):

@@ -302,7 +302,7 @@ def test_chat_hf_dataset_through_the_cli_offline(tiny_world, tmp_path):
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "last validation (step 2)" in proc.stdout
     assert list((tmp_path / "blocks").glob("*/default/dataset_dict.json"))

@@ -4,7 +4,6 @@ Most tests reuse the session's fast build (``demo_assets`` in conftest.py).
 """
 
 import json
-import time
 
 import pytest
 import torch
@@ -100,9 +99,7 @@ def test_target_is_initialised_and_loadable(demo_assets):
 def test_second_call_is_cache_hit(demo_assets, monkeypatch):
     mtimes = {p: p.stat().st_mtime_ns for p in demo_assets.rglob("*")}
     monkeypatch.setattr(demo, "_train", lambda *a, **k: pytest.fail("a cached build trained"))
-    start = time.perf_counter()
-    assert build_demo_assets(root=demo_assets, **FAST_BUILD) == demo_assets
-    assert time.perf_counter() - start < 1.0
+    assert build_demo_assets(root=demo_assets, **FAST_BUILD) == demo_assets  # no training, no file rewritten
     assert {p: p.stat().st_mtime_ns for p in demo_assets.rglob("*")} == mtimes
 
 

@@ -24,12 +24,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from lightning_fuse.io import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +239,7 @@ def merge_models(
     options = MergeOptions(trust_remote_code=trust_remote_code, random_seed=seed, quiet=True, copy_tokenizer=False)
     tokenizer = _load_tokenizer(paths[0], trust_remote_code)  # fail fast, before the merge
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         log.info("Merging %d models with mergekit's %s.", len(paths), method)
         run_merge(merge_config, str(tmp), options)
         if tokenizer is not None:
@@ -251,12 +248,6 @@ def merge_models(
                   else None, "density": density, "lambda_": lambda_, "parameters": parameters, "dtype": dtype,
                   "compute_dtype": compute_dtype, "seed": seed, "mergekit": _mergekit_version()}
         (tmp / "merge_config.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("Saved merged model to `%s`.", out)
     return out
 

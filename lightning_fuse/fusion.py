@@ -49,8 +49,12 @@ class SourceOutput:
 
     Attributes:
         dist: its top-k next-token distribution on the target's positions and vocabulary.
-        gold_logprob: ``[B, L]`` log-probability it gives the gold next token (0 where there is none).
-        ce: ``[B]`` mean cross-entropy on the gold tokens of each sequence.
+        gold_logprob: ``[B, L]`` log-probability it gives the gold next token (0 where there is none). For a source
+            with another tokenizer: its log-likelihood, under its own tokenisation of the whole block, of the text
+            of that target token (each source token credited to the target token holding its last byte).
+        ce: ``[B]`` nats per target token: minus the mean of ``gold_logprob`` over each sequence's gold positions,
+            comparable between sources of any tokenizer (every ranking uses it: min_ce, avg_ce, softmax_ce,
+            rewards, the CE prior, the warm-up).
     """
 
     dist: SparseDist

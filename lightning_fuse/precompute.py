@@ -4,7 +4,7 @@ Reads the same YAML as ``lightning-fuse fit`` (its ``model:`` and ``data:`` sect
 writes, per source and split, the top-k ids and log-probs, the gold log-prob and the per-sequence CE that
 ``FrozenSource.forward`` returns online (see :mod:`lightning_fuse.offline` for the layout and
 :mod:`lightning_fuse.cache` for the storage). Shards are written atomically; a rerun skips finished shards and
-finished sources without loading them.
+finished sources without loading them. ``--devices N`` spreads the shards over N processes (:mod:`lightning_fuse.ranks`).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from lightning_fuse.offline import (
     source_identity,
     split_root,
 )
+from lightning_fuse.ranks import Ranks, launch
 from lightning_fuse.sources import FrozenSource, SourceSpec
 
 log = logging.getLogger(__name__)
@@ -53,16 +54,20 @@ def precompute(
     cache_dir: str | None = None,
     top_k: int | None = None,
     shard_size: int = 256,
-    batch_size: int = 8,
+    max_tokens_per_batch: int = 16384,
     val: bool = True,
     overwrite: bool = False,
     device: str | None = None,
+    devices: int = 1,
+    num_nodes: int = 1,
     num_threads: int | None = None,
 ) -> Path:
     """Run every source of a fit config once over its blocks and cache its top-k outputs for offline fusion.
 
     Then train with ``data.class_path: lightning_fuse.offline.CachedTextDataModule`` (and ``model.offline: true``
     to never load the sources), e.g. ``configs/offline.yaml``. Interrupted runs resume: rerun the same command.
+    With ``--devices N`` (and ``--num_nodes M``) N processes per node share the shards, launched by Lightning as
+    for ``fit`` under DDP; the cache is the same, byte for byte, whatever the number of processes or batch size.
 
     Args:
         config: the YAML given to ``lightning-fuse fit`` (its ``model:`` and ``data:`` sections; others ignored);
@@ -70,77 +75,127 @@ def precompute(
         cache_dir: where to write the cache; default the config's ``data.init_args.cache_dir``, else
             ``<data_dir>/.fuse_cache``.
         top_k: ids and log-probs kept per token and source; default ``model.distill_top_k``.
-        shard_size: sequences per shard file (the unit of atomic writes and of resume).
-        batch_size: sequences per source forward pass.
+        shard_size: sequences per shard file (the unit of atomic writes, of resume and of the work shared
+            between processes).
+        max_tokens_per_batch: tokens per source forward pass (``max_tokens_per_batch // block_size`` sequences,
+            at least one; a batch never spans two shards).
         val: also cache the validation blocks (needed when training with ``model.offline: true``).
         overwrite: recompute the declared sources from scratch (also when the cache was built for another model,
             tokenizer, corpus, block size or k, which is otherwise an error).
-        device: device the sources run on (``cuda``, ``cuda:1``, ``cpu``); default CUDA when available.
-        num_threads: torch intra-op CPU threads (None: the config's ``num_threads``, else torch's default).
+        device: device the sources run on (``cuda``, ``cuda:1``, ``cpu``); default CUDA when available. With
+            ``devices`` > 1: ``cuda`` (process i on GPU i of its node) or ``cpu``.
+        devices: processes per node, each writing its share of the shards (one per GPU; on CPU, e.g. one per
+            core group with ``num_threads``).
+        num_nodes: nodes (launch the command on each, as for ``fit``; the cache dir must be shared).
+        num_threads: torch intra-op CPU threads per process (None: the config's ``num_threads``, else torch's
+            default, divided between the processes of a node).
 
     Returns:
         The cache directory.
     """
-    if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"`--shard_size` and `--batch_size` must be >= 1, got {shard_size} and {batch_size}.")
+    if shard_size < 1 or max_tokens_per_batch < 1:
+        raise ValueError(f"`--shard_size` and `--max_tokens_per_batch` must be >= 1, got {shard_size} and "
+                         f"{max_tokens_per_batch}.")
     module, dm, threads = _load_fit_config(config)
+    if not module.source_specs:
+        raise ValueError(f"{config} declares no sources in `model.init_args.sources`: there is nothing to precompute.")
+    root = _cache_dir(dm, cache_dir)
+    dm.connect(module.tokenizer, module.max_seq_length)
     if num_threads or threads:
         torch.set_num_threads(num_threads or threads)
-    specs = module.source_specs
-    if not specs:
-        raise ValueError(f"{config} declares no sources in `model.init_args.sources`: there is nothing to precompute.")
-    k = top_k if top_k is not None else module.hparams.distill_top_k
-    if k < module.hparams.distill_top_k:
-        log.warning("--top_k %d < model.distill_top_k %d: training on this cache will refuse it", k,
-                    module.hparams.distill_top_k)
-    vocab = module.target_config.vocab_size
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module.to(dev)  # no parameters yet: sets the device the sources load on
-
-    root = _cache_dir(dm, cache_dir)
-    print(f"precompute: cache dir {root}", flush=True)
-    dm.connect(module.tokenizer, module.max_seq_length)
-    if isinstance(dm, CachedTextDataModule):
+    if isinstance(dm, CachedTextDataModule):  # tokenised once here, before the other processes start
         dm.setup_blocks("fit")
     else:
         dm.setup("fit")
+    ranks = launch(device, devices, num_nodes)  # the other processes re-run this command up to here
+    if num_threads or threads:
+        torch.set_num_threads(num_threads or threads)
+    try:
+        return _precompute(ranks, module, dm, root, top_k, shard_size, max_tokens_per_batch, val, overwrite)
+    except BaseException:
+        ranks.abort()
+        raise
+
+
+def _precompute(
+    ranks: Ranks, module: FusionModule, dm: TextDataModule, root: Path, top_k: int | None,
+    shard_size: int, max_tokens_per_batch: int, val: bool, overwrite: bool,
+) -> Path:
+    specs = module.source_specs
+    k = top_k if top_k is not None else module.hparams.distill_top_k
+    if k < module.hparams.distill_top_k and ranks.is_main:
+        log.warning("--top_k %d < model.distill_top_k %d: training on this cache will refuse it", k,
+                    module.hparams.distill_top_k)
+    vocab = module.target_config.vocab_size
+    dev = ranks.device
+    module.to(dev)  # no parameters yet: sets the device the sources load on
     splits: dict[str, Dataset] = {"train": dm.train_set}
     if val:
         splits["val"] = dm.val_set
+    rows = max(1, max_tokens_per_batch // int(dm.train_set.blocks.shape[1]))
 
-    identities = {s.name: source_identity(s, module.tokenizer, dev) for s in specs}
-    writers: dict[str, dict[str, SourceWriter]] = {s.name: {} for s in specs}
-    for split, ds in splits.items():
-        writer = _open_cache(split_root(root, split), ds, k, vocab, shard_size, overwrite)
-        expect = expected_identities(specs, ds, identities)
-        for spec in specs:
-            writers[spec.name][split] = _open_source(writer, spec.name, expect[spec.name], overwrite)
+    # rank 0 checks the cache (identities, damaged shards) and plans; the others open it as rank 0 left it
+    identities = plan = None
+    if ranks.is_main:
+        print(f"precompute: cache dir {root}" + (f", {ranks.world_size} processes" if ranks.world_size > 1 else ""),
+              flush=True)
+        identities = {s.name: source_identity(s, module.tokenizer, dev) for s in specs}
+        writers = _open_writers(root, splits, specs, identities, k, vocab, shard_size, overwrite)
+        plan = {name: {split: w.pending_shards() for split, w in per_split.items()} for name, per_split in writers.items()}
+    identities, plan = ranks.broadcast((identities, plan))
+    if not ranks.is_main:
+        writers = _open_writers(root, splits, specs, identities, k, vocab, shard_size, False, repair=False)
 
     for spec in specs:
-        todo = {split: w.pending_shards() for split, w in writers[spec.name].items()}
-        if not any(todo.values()):
-            for w in writers[spec.name].values():
-                w.finalize()
+        mine = {split: ranks.share(pending) for split, pending in plan[spec.name].items()}
+        if not any(plan[spec.name].values()) and ranks.is_main:
             log.info("source %r: already cached, skipped", spec.name)
+        if not any(mine.values()):
             continue
         source = _load_source(module, spec, dev)
         try:
-            for split, pending in todo.items():
-                w = writers[spec.name][split]
+            for split, pending in mine.items():
                 if pending:
-                    _run_source(source, splits[split], w, pending, k, vocab, batch_size, dev, split)
-                w.finalize()
+                    _run_source(source, splits[split], writers[spec.name][split], pending, k, vocab, rows, dev, split)
         finally:
             del source
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-
+    ranks.barrier()  # every shard written
+    if not ranks.is_main:
+        return root
+    for per_split in writers.values():
+        for w in per_split.values():
+            w.finalize()
     for split in splits:
         per_token = storage_bytes_per_token(split_root(root, split))
         print(f"precompute: {split}: " + ", ".join(f"{n} {b:.1f} B/token" for n, b in per_token.items()), flush=True)
     print(f"precompute: done, cache in {root}", flush=True)
     return root
+
+
+def _open_writers(
+    root: Path, splits: dict[str, Dataset], specs: list[SourceSpec], identities: dict[str, dict[str, Any]], k: int,
+    vocab: int, shard_size: int, overwrite: bool, repair: bool = True,
+) -> dict[str, dict[str, SourceWriter]]:
+    """Per source and split, its writer: with ``repair`` (rank 0) a foreign or unreadable manifest is handled,
+    ``overwrite`` resets, damaged shards are unrecorded; without (the other ranks, after rank 0) just opened."""
+    writers: dict[str, dict[str, SourceWriter]] = {s.name: {} for s in specs}
+    for split, ds in splits.items():
+        kwargs = {"seq_len": int(ds.blocks.shape[1]), "top_k": int(k), "vocab_size": int(vocab),
+                  "shard_size": shard_size}
+        writer = _open_cache(split_root(root, split), kwargs, overwrite) if repair else \
+            CacheWriter(split_root(root, split), **kwargs)
+        expect = expected_identities(specs, ds, identities)
+        for spec in specs:
+            if repair:
+                writers[spec.name][split] = _open_source(writer, spec.name, expect[spec.name], overwrite)
+            else:
+                e = expect[spec.name]
+                writers[spec.name][split] = writer.source(spec.name, e["model_id"], e["tokenizer_id"], e["data_id"],
+                                                          num_sequences=e["num_sequences"])
+    return writers
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -207,8 +262,7 @@ def _cache_dir(dm: TextDataModule, cache_dir: str | None) -> Path:
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def _open_cache(root: Path, ds: Dataset, k: int, vocab: int, shard_size: int, overwrite: bool) -> CacheWriter:
-    kwargs = {"seq_len": int(ds.blocks.shape[1]), "top_k": int(k), "vocab_size": int(vocab), "shard_size": shard_size}
+def _open_cache(root: Path, kwargs: dict[str, int], overwrite: bool) -> CacheWriter:
     try:
         return CacheWriter(root, **kwargs)
     except CacheCorruptError as err:  # garbage or foreign manifest.json: keep it aside, rebuild the cache
@@ -269,7 +323,7 @@ def _run_source(
     pending: list[int],
     k: int,
     vocab: int,
-    batch_size: int,
+    rows_per_batch: int,
     device: torch.device,
     split: str,
 ) -> None:
@@ -282,10 +336,11 @@ def _run_source(
         for shard in pending:
             rows = writer.shard_range(shard)
             parts: dict[str, list[np.ndarray]] = {"ids": [], "logprobs": [], "gold_logprob": [], "ce": []}
-            for b in range(rows.start, rows.stop, batch_size):
-                ids = ds.blocks[b : min(b + batch_size, rows.stop)].to(device)
+            for b in range(rows.start, rows.stop, rows_per_batch):
+                stop = min(b + rows_per_batch, rows.stop)
+                ids = ds.blocks[b:stop].to(device)
                 mask = torch.ones_like(ids)
-                labels = _labels(ds, b, min(b + batch_size, rows.stop), ids).masked_fill(mask == 0, -100)  # as _step
+                labels = _labels(ds, b, stop, ids).masked_fill(mask == 0, -100)  # as _step
                 out = source.forward(ids, mask, labels, k, vocab)
                 top_lp, top_ids = out.dist.logprobs, out.dist.ids
                 if k >= vocab:  # dense mode keeps the ids in vocabulary order; the cache stores them sorted

@@ -36,7 +36,7 @@ def write_config(world, path: Path, cache_dir: Path) -> str:
 
 
 def run_precompute(config: str) -> Path:
-    return precompute(config, shard_size=SHARD, batch_size=BATCH, device="cpu")
+    return precompute(config, shard_size=SHARD, max_tokens_per_batch=BATCH * BLOCK, device="cpu")
 
 
 @pytest.fixture(scope="module")

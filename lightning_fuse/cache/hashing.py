@@ -1,7 +1,9 @@
-"""Checksums: of the corpus' token ids (``data_id``) and of the cache's files (written and verified)."""
+"""Checksums: of the corpus' token ids (``data_id``) and of the cache's files (written and verified), and the record
+of the files verified already (``verified.json``), so that a cache is hashed once, not at every start."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -11,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_fuse.cache.format import CacheError, _to_numpy
+from lightning_fuse.cache.format import CacheError, _atomic_write, _to_numpy
 
 _HASH_CHUNK = 1 << 22
 
@@ -57,3 +59,29 @@ def _file_checksum(path: Path, algorithm: str) -> str:
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+VERIFIED = "verified.json"
+
+
+def _read_verified(root: Path) -> dict[str, list[Any]]:
+    """``{"<source>/<file>": [checksum, size, mtime_ns]}`` of the files that passed their checksum, when they did."""
+    try:
+        seen = json.loads((root / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return {}
+    return seen if isinstance(seen, dict) else {}
+
+
+def _stamp(path: Path, checksum: str) -> list[Any]:
+    st = path.stat()
+    return [checksum, st.st_size, st.st_mtime_ns]
+
+
+def _write_verified(root: Path, seen: dict[str, list[Any]], passed: dict[str, list[Any]]) -> None:
+    """Add ``passed`` to the record (atomically; a read-only cache is verified again next time)."""
+    if passed == {k: v for k, v in seen.items() if k in passed}:
+        return
+    data = json.dumps({**seen, **passed}, sort_keys=True).encode()
+    with contextlib.suppress(OSError):
+        _atomic_write(root / VERIFIED, lambda fh: fh.write(data))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import threading
@@ -25,7 +23,6 @@ from lightning_fuse.cache.format import (
     CacheError,
     CacheIncompleteError,
     CacheMismatchError,
-    _atomic_write,
     _canonical,
     _fields,
     _high_bits,
@@ -35,17 +32,8 @@ from lightning_fuse.cache.format import (
     _short,
     _to_numpy,
 )
-from lightning_fuse.cache.hashing import _file_checksum
-
-VERIFIED = "verified.json"
-
-
-def _read_verified(root: Path) -> dict[str, list[Any]]:
-    try:
-        seen = json.loads((root / VERIFIED).read_text())
-    except (OSError, ValueError):
-        return {}
-    return seen if isinstance(seen, dict) else {}
+from lightning_fuse.cache.hashing import VERIFIED as VERIFIED
+from lightning_fuse.cache.hashing import _file_checksum, _read_verified, _stamp, _write_verified
 
 
 def _difference(name: str, key: str, cached: Any, declared: Any) -> str:
@@ -214,8 +202,7 @@ class CacheReader:
                 for f in rec["files"].values():
                     path = self.root / name / f["name"]
                     try:
-                        st = path.stat()
-                        stamp = [f["checksum"], st.st_size, st.st_mtime_ns]
+                        stamp = _stamp(path, f["checksum"])
                         key = f"{name}/{f['name']}"
                         ok = seen.get(key) == stamp or _file_checksum(path, algorithm) == f["checksum"]
                     except OSError as err:
@@ -227,10 +214,8 @@ class CacheReader:
                         passed[key] = stamp
         if problems:
             raise CacheCorruptError(f"cache at {self.root}: {_join(problems)}: {_FIX}")
-        if remember and passed != {k: v for k, v in seen.items() if k in passed}:
-            data = json.dumps({**seen, **passed}, sort_keys=True).encode()
-            with contextlib.suppress(OSError):  # a read-only cache is verified again next time
-                _atomic_write(self.root / VERIFIED, lambda fh: fh.write(data))
+        if remember:
+            _write_verified(self.root, seen, passed)
 
     def _shard(self, name: str, shard_idx: int) -> dict[str, np.ndarray]:
         """Memory maps of one shard's files (LRU-cached), header-checked against the manifest."""

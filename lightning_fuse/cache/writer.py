@@ -34,7 +34,7 @@ from lightning_fuse.cache.format import (
     _to_numpy,
     _write_manifest,
 )
-from lightning_fuse.cache.hashing import _file_checksum, _HashingFile
+from lightning_fuse.cache.hashing import _file_checksum, _HashingFile, _read_verified, _stamp, _write_verified
 
 
 def _save_npy(path: Path, arr: np.ndarray, algorithm: str) -> dict[str, Any]:
@@ -237,27 +237,35 @@ class SourceWriter:
     def drop_damaged(self) -> list[int]:
         """Re-verify every recorded shard (each file present, of the recorded size and checksum) and unrecord the
         damaged ones, so that :meth:`pending_shards` lists them for rewriting; the source is then incomplete until
-        :meth:`finalize`. Reads the whole source once. Returns the damaged shard indices.
+        :meth:`finalize`. A file is hashed once: those that pass are recorded in ``verified.json`` (checksum, size,
+        modification time, as :meth:`CacheReader.verify` records them) and not hashed again while their record
+        matches. Returns the damaged shard indices.
         """
         c = self._cache
+        seen = _read_verified(c.root)
+        passed: dict[str, list[Any]] = {}
         with _manifest_lock(c.root):
             manifest = _read_manifest(c.root)
             entry = self._entry(manifest)
             damaged = []
             for rec in entry["shards"]:
                 for f in rec["files"].values():
-                    path = self.dir / f["name"]
+                    path, key = self.dir / f["name"], f"{self.name}/{f['name']}"
                     try:
-                        ok = path.stat().st_size == f["bytes"] and _file_checksum(path, c.checksum) == f["checksum"]
+                        stamp = _stamp(path, f["checksum"])
+                        ok = stamp[1] == f["bytes"] and (
+                            seen.get(key) == stamp or _file_checksum(path, c.checksum) == f["checksum"])
                     except OSError:
                         ok = False
                     if not ok:
                         damaged.append(rec["index"])
                         break
+                    passed[key] = stamp
             if damaged:
                 entry["shards"] = [r for r in entry["shards"] if r["index"] not in damaged]
                 entry["complete"] = False
                 _write_manifest(c.root, manifest)
+        _write_verified(c.root, seen, passed)
         return damaged
 
     def pending_shards(self) -> list[int]:

@@ -146,12 +146,14 @@ def _precompute(
     if not ranks.is_main:
         writers = _open_writers(root, splits, specs, identities, k, vocab, shard_size, False, repair=False)
 
+    written = 0
     for spec in specs:
         mine = {split: ranks.share(pending) for split, pending in plan[spec.name].items()}
         if not any(plan[spec.name].values()) and ranks.is_main:
             log.info("source %r: already cached, skipped", spec.name)
         if not any(mine.values()):
             continue
+        written += sum(len(pending) for pending in mine.values())
         source = _load_source(module, spec, dev)
         try:
             for split, pending in mine.items():
@@ -162,6 +164,8 @@ def _precompute(
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+    if ranks.world_size > 1:
+        print(f"precompute: process {ranks.rank} of {ranks.world_size} wrote {written} shard(s)", flush=True)
     ranks.barrier()  # every shard written
     if not ranks.is_main:
         return root

@@ -286,3 +286,82 @@ def test_cache_is_hashed_once_not_at_every_start(tiny_world, cache, tmp_path, mo
     with pytest.raises(CacheCorruptError, match=r"shard-00003\.logprobs\.npy"):
         make_dm(tiny_world, root, module).setup("fit")
     assert len(calls) == first + 1
+
+
+# ----------------------------------------------------------------------------------------------- sharded precompute
+SMALL = {"max_blocks_per_domain": 24, "max_val_blocks_per_domain": 8}  # 48 train blocks -> 6 shards of 8, val -> 2
+
+
+def write_small_config(world, path: Path, cache_dir: Path) -> str:
+    """A fit config over a small cut of the tiny world (for the precompute layout tests: seconds, not minutes)."""
+    config = yaml.safe_load(Path(write_config(world, path, cache_dir)).read_text())
+    config["data"]["init_args"].update(SMALL)
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_ref(tiny_world, tmp_path_factory):
+    """The small cut, precomputed in this process: 8 sequences per shard, batches of 16 sequences (one per shard)."""
+    root = tmp_path_factory.mktemp("small_ref")
+    config = write_small_config(tiny_world, root / "fit.yaml", root / "cache")
+    return precompute(config, shard_size=8, max_tokens_per_batch=16 * BLOCK, device="cpu")
+
+
+def test_precompute_result_does_not_depend_on_the_batch_size(tiny_world, small_ref, tmp_path):
+    """Batches of 3 sequences (sized by tokens: 3 x 32 + 5 tokens; shards of 8 end with a batch of 2) give the same
+    bytes, file for file, as batches of a whole shard."""
+    config = write_small_config(tiny_world, tmp_path / "fit.yaml", tmp_path / "cache")
+    root = precompute(config, shard_size=8, max_tokens_per_batch=3 * BLOCK + 5, device="cpu")
+    assert _files(root) == _files(small_ref)
+    assert len(_files(root)["train", "words"][3]) == 6
+
+
+def test_precompute_redoes_only_damaged_shards_and_hashes_each_file_once(tiny_world, small_ref, tmp_path, monkeypatch):
+    """A complete cache is checked without hashing files it verified before (verified.json); a removed and a
+    truncated shard file are found by their size alone, and only those two shards are recomputed. Was: every file
+    of every source hashed again at every precompute start."""
+    import lightning_fuse.cache.writer as writer_mod
+
+    root = tmp_path / "cache"
+    shutil.copytree(small_ref, root)
+    config = write_small_config(tiny_world, tmp_path / "fit.yaml", root)
+    calls = []
+    real = writer_mod._file_checksum
+    monkeypatch.setattr(writer_mod, "_file_checksum", lambda path, algo: calls.append(path) or real(path, algo))
+    n_files = sum(1 for _ in root.rglob("shard-*.npy"))
+    precompute(config, shard_size=8, device="cpu")
+    assert len(calls) == n_files  # the first check hashes every file once
+    precompute(config, shard_size=8, device="cpu")
+    assert len(calls) == n_files  # then never again
+
+    (root / "train" / "words" / "shard-00002.ce.npy").unlink()
+    truncated = root / "train" / "sums" / "shard-00004.ids.npy"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("shard-*.npy")}
+    precompute(config, shard_size=8, device="cpu")
+    assert len(calls) == n_files  # found by size, not by hashing
+    rewritten = sorted(f"{p.parent.parent.name}/{p.parent.name}/{p.name.split('.')[0]}" for p, t in before.items()
+                       if p.stat().st_mtime_ns != t)
+    assert sorted(set(rewritten)) == ["train/sums/shard-00004", "train/words/shard-00002"], rewritten
+    assert _files(root) == _files(small_ref)
+
+
+def test_two_processes_write_the_same_cache_as_one(tiny_world, small_ref, tmp_path):
+    """`lightning-fuse precompute --devices 2` on CPU (gloo, launched by Lightning as `fit` under DDP): both
+    processes write shards, and every shard file has the checksum of the 1-process run (same manifest)."""
+    import os
+    import subprocess
+    import sys
+
+    config = write_small_config(tiny_world, tmp_path / "fit.yaml", tmp_path / "cache")
+    cmd = [sys.executable, "-m", "lightning_fuse", "precompute", "--config", config, "--shard_size", "8",
+           "--max_tokens_per_batch", str(5 * BLOCK), "--device", "cpu", "--devices", "2", "--num_threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):  # 6 train + 2 val shards per source, shared 3 + 1 each
+        assert f"process {rank} of 2 wrote 8 shard(s)" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert _files(tmp_path / "cache") == _files(small_ref)
+    assert json.loads((tmp_path / "cache" / "train" / "manifest.json").read_text()) == \
+        json.loads((small_ref / "train" / "manifest.json").read_text())

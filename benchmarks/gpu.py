@@ -234,7 +234,8 @@ def measure_precompute(name: str, path: str, target: str, corpus: Path, device: 
     try:
         with peak(device, out, "peak_bytes"):
             start = time.perf_counter()
-            precompute(str(config), cache_dir=str(work / f"cache-{name}"), batch_size=args.batch, val=False,
+            precompute(str(config), cache_dir=str(work / f"cache-{name}"), max_tokens_per_batch=args.batch * args.block,
+                       val=False,
                        overwrite=True, device=str(device))
             out["wall_s"] = time.perf_counter() - start
     finally:

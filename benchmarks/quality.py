@@ -222,9 +222,10 @@ def prepare(fast: bool, regime: Regime) -> dict[str, Any]:
     os.environ.setdefault("TQDM_DISABLE", "1")  # precompute's progress bars
     with contextlib.redirect_stdout(io.StringIO()):  # checks the cache against the blocks; runs what is missing
         try:
-            precompute(str(config_file), batch_size=16, device="cpu")
+            precompute(str(config_file), max_tokens_per_batch=16 * regime.block_size, device="cpu")
         except CacheMismatchError:  # built for other blocks (e.g. the corpus or the packing changed): rebuild
-            precompute(str(config_file), batch_size=16, device="cpu", overwrite=True)
+            precompute(str(config_file), max_tokens_per_batch=16 * regime.block_size, device="cpu",
+                       overwrite=True)
     matrix = {}
     for s in sources:
         meta = json.loads((Path(s["path"]) / demo.META_FILE).read_text())

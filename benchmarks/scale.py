@@ -211,7 +211,8 @@ def task_precompute(args) -> dict:
             "data_dir": args.corpus, "block_size": BLOCK, "batch_size": BATCH, "tokenized_dir": args.store}},
     }))
     start = time.perf_counter()
-    precompute(str(config), cache_dir=str(Path(args.out).with_suffix(".cache")), shard_size=256, batch_size=8,
+    precompute(str(config), cache_dir=str(Path(args.out).with_suffix(".cache")), shard_size=256,
+               max_tokens_per_batch=8 * BLOCK,
                device="cpu", num_threads=1, overwrite=True)
     return {"seconds": time.perf_counter() - start}
 

@@ -9,6 +9,7 @@ Each run is the CLI in its own process tree over the first ``--blocks`` training
 - ``work``: from the first line of rank 0 (all processes joined) to ``done`` (sources loaded, forwards, writes,
   manifest): the part that processes share; ``wall``: the whole command, start-up of every process included
   (a second process starts after the first has set up: Lightning's launcher re-runs the command);
+- CPU: user + system seconds of all the processes (what the run costs, whatever the other load on the machine);
 - memory: peak PSS and its anonymous part (the memory that grows with in-memory data; the rest is pages of
   memory-mapped files), summed over the process tree, sampled every 20 ms.
 
@@ -37,26 +38,41 @@ from scale import BLOCK, ROOT, _descendants, _status, make_corpus, make_models  
 SHARD = 256
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of one process so far."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class TreePeak:
-    """Peak PSS / anonymous PSS of process ``pid`` and its descendants, sampled every 20 ms."""
+    """Peak PSS / anonymous PSS of process ``pid`` and its descendants, and their CPU seconds (the last value seen
+    of each process: up to 20 ms short), sampled every 20 ms."""
 
     def __init__(self, pid: int) -> None:
         self.pid, self.pss, self.anon = pid, 0, 0
+        self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            stats = [_status(p) for p in [self.pid, *_descendants(self.pid)]]
+            pids = [self.pid, *_descendants(self.pid)]
+            stats = [_status(p) for p in pids]
             self.pss = max(self.pss, sum(s.get("Pss", 0) for s in stats))
             self.anon = max(self.anon, sum(s.get("Pss_Anon", 0) for s in stats))
+            for p in pids:
+                if (t := _cpu_seconds(p)) is not None:
+                    self.cpu[p] = max(self.cpu.get(p, 0.0), t)
             self._stop.wait(0.02)
 
-    def stop(self) -> dict[str, int]:
+    def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join()
-        return {"peak_pss": self.pss, "peak_anon": self.anon}
+        return {"peak_pss": self.pss, "peak_anon": self.anon, "cpu_s": sum(self.cpu.values())}
 
 
 def run(config: Path, procs: int, cache: Path) -> dict:
@@ -135,10 +151,12 @@ def main() -> None:
     tokens = (2 * args.blocks + args.blocks) * BLOCK
     print(f"\n{tokens / 1e3:.0f}k tokens (first {args.blocks} train + {args.blocks // 2} val blocks per domain, 2 domains), "
           f"shards of {SHARD}, 1 torch thread per process, {os.cpu_count()} cores; median (min-max) of {args.rounds}")
-    print("| corpus | processes | work s | wall s | peak PSS MiB | peak anon MiB |\n|---|---|---|---|---|---|")
+    print("| corpus | processes | work s | wall s | CPU s (all processes) | peak PSS MiB | peak anon MiB |\n"
+          "|---|---|---|---|---|---|---|")
     for key, runs in results.items():
         size, procs = key.split("-")
         print(f"| {size[:-2]} MB | {procs} | {_summary(runs, 'work_s')} | {_summary(runs, 'wall_s')} | "
+              f"{_summary(runs, 'cpu_s')} | "
               f"{_summary(runs, 'peak_pss')} | {_summary(runs, 'peak_anon')} |")
     one, two = (statistics.median(r["work_s"] for r in results[f"{args.sizes[0]}mb-{n}"]) for n in (1, 2))
     walls = [statistics.median(r["wall_s"] for r in results[f"{args.sizes[0]}mb-{n}"]) for n in (1, 2)]

@@ -40,7 +40,8 @@ def sparse_logprobs(
     Returns:
         ``(top_logprobs [B, L, k] float32, top_ids [B, L, k] int64, gold_logprob [B, L] float32)``; the top-k are
         sorted by decreasing probability, as ``torch.topk`` returns them, except when ``top_k >= V`` (dense mode):
-        then no ``topk`` runs and the ids are ``0 .. V-1`` in order (the log-softmax itself). Differentiable in
+        then no ``topk`` runs and the ids are ``0 .. V-1`` in order (a broadcast view; the log-probs are the
+        log-softmax itself). Differentiable in
         ``logits``.
     """
     if logits.dim() != 3:
@@ -120,7 +121,6 @@ def _sparse_rows(
         golds.append(x.gather(-1, gold[start : start + step]) - log_z)
         if dense:  # every id is kept: no sort
             tops.append(x - log_z)
-            ids.append(torch.arange(vocab, device=x.device).expand(x.shape[0], vocab))
         else:
             top_val, top_id = x.topk(k, dim=-1)
             tops.append(top_val - log_z)
@@ -129,8 +129,11 @@ def _sparse_rows(
     if not tops:  # B * L == 0
         empty = torch.zeros((0, k), dtype=torch.float32, device=gold_ids.device)
         return (empty.view(b, length, k), empty.long().view(b, length, k), empty[:, :0].reshape(b, length))
+    top_lp = torch.cat(tops).view(b, length, k) if len(tops) > 1 else tops[0].view(b, length, k)
+    if dense:  # ids 0 .. V-1 at every position: a broadcast view, no [B, L, V] int64 tensor
+        all_ids = torch.arange(vocab, device=top_lp.device).expand(b, length, vocab)
     return (
-        torch.cat(tops).view(b, length, k),
-        torch.cat(ids).view(b, length, k),
+        top_lp,
+        all_ids if dense else torch.cat(ids).view(b, length, k),
         torch.cat(golds).view(b, length),
     )

@@ -82,39 +82,52 @@ def _divergence_grad(kind: str, log_q: Tensor, log_p: Tensor, div: Tensor) -> Te
     return q * (h - (q * h).sum(-1, keepdim=True))
 
 
+def _fast(temperature: float, kind: str) -> bool:
+    """Forward KL at T = 1, the common case (TRL GKD's loss): its own lean kernels below."""
+    return temperature == 1.0 and kind == "forward_kl"
+
+
+def _forward_kl_rows(log_q: Tensor, log_p: Tensor) -> Tensor:
+    """``[R]`` KL(P || Q) = ``<p, log p - log q>``: 0 where ``p`` is 0 (``log p`` -inf), one dot product per row."""
+    d = (log_p - log_q).nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)  # -inf - -inf and -inf - x: p = 0 there
+    return torch.linalg.vecdot(log_p.exp(), d)
+
+
 class _DenseLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, bias, teacher, gold, temperature, kind, step):  # type: ignore[override]
         n = rows.shape[0]
         work = torch.promote_types(rows.dtype if weight is None else weight.dtype, torch.float32)
-        log_z = rows.new_empty(n, dtype=work)
-        gold_logit = rows.new_empty(n, dtype=work)
+        gold_lp = rows.new_empty(n, dtype=work)
         div = rows.new_empty(n, dtype=work)
-        kept = None  # one chunk only: keep its logits for the backward pass (no recompute)
+        kept = None  # one chunk only: keep its log-softmax for the backward pass (no recompute)
         for start in range(0, n, step):
             s = slice(start, start + step)
-            x = _chunk_logits(rows, weight, bias, s, work)
-            log_z[s] = torch.logsumexp(x, -1)
-            gold_logit[s] = x.gather(-1, gold[s]).squeeze(-1)
-            log_q = torch.log_softmax(x / temperature, -1) if temperature != 1.0 else x - log_z[s, None]
-            div[s] = _divergence(kind, log_q, teacher[s].to(work))
-            if weight is not None and n <= step:
-                kept = x
-            del x, log_q
-        saved = [rows, teacher, gold, log_z, div] + [t for t in (weight, bias, kept) if t is not None]
+            log_q1 = torch.log_softmax(_chunk_logits(rows, weight, bias, s, work), -1)  # T = 1: the CE's
+            gold_lp[s] = log_q1.gather(-1, gold[s]).squeeze(-1)
+            if _fast(temperature, kind):
+                div[s] = _forward_kl_rows(log_q1, teacher[s].to(work))
+            else:
+                log_q = torch.log_softmax(_chunk_logits(rows, weight, bias, s, work) / temperature, -1)
+                div[s] = _divergence(kind, log_q, teacher[s].to(work))
+                del log_q
+            if n <= step:
+                kept = log_q1
+            del log_q1
+        saved = [rows, teacher, gold, div] + [t for t in (weight, bias, kept) if t is not None]
         ctx.save_for_backward(*saved)
         ctx.flags = (temperature, kind, step, weight is not None, bias is not None, kept is not None, work)
-        return log_z, gold_logit, div
+        return gold_lp, div
 
     @staticmethod
-    def backward(ctx, g_z, g_gold, g_div):  # type: ignore[override]
+    def backward(ctx, g_gold, g_div):  # type: ignore[override]
         temperature, kind, step, has_weight, has_bias, has_kept, work = ctx.flags
-        rows, teacher, gold, log_z, div, *rest = ctx.saved_tensors
+        rows, teacher, gold, div, *rest = ctx.saved_tensors
         weight = rest.pop(0) if has_weight else None
         bias = rest.pop(0) if has_bias else None
         kept = rest.pop(0) if has_kept else None
-        zeros = torch.zeros_like(log_z)
-        g_z, g_gold, g_div = (zeros if g is None else g for g in (g_z, g_gold, g_div))
+        zeros = div.new_zeros(div.shape)
+        g_gold, g_div = (zeros if g is None else g for g in (g_gold, g_div))
         t = temperature
         grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=work) if weight is not None and ctx.needs_input_grad[1] else None
@@ -122,17 +135,17 @@ class _DenseLosses(torch.autograd.Function):
         with torch.no_grad():
             for start in range(0, rows.shape[0], step):
                 s = slice(start, start + step)
-                x = kept if kept is not None else _chunk_logits(rows, weight, bias, s, work)
-                if t == 1.0 and kind == "forward_kl":  # q (g_div + g_z) - p g_div: one softmax, no extra pass
-                    g = (x - log_z[s, None]).exp_().mul_((g_div[s] + g_z[s]).unsqueeze(-1))
+                log_q1 = kept if kept is not None else torch.log_softmax(_chunk_logits(rows, weight, bias, s, work), -1)
+                if _fast(t, kind):  # q (g_div - g_gold) - p g_div + g_gold at the gold id
+                    g = log_q1.exp().mul_((g_div[s] - g_gold[s]).unsqueeze(-1))
                     g.addcmul_(teacher[s].to(work).exp(), g_div[s, None], value=-1.0)
                 else:
-                    log_q = torch.log_softmax(x / t, -1) if t != 1.0 else x - log_z[s, None]
-                    g = _divergence_grad(kind, log_q, teacher[s].to(work), div[s]) * (g_div[s, None] / t)
-                    g += torch.exp(x - log_z[s, None]) * g_z[s, None]
+                    log_q = torch.log_softmax(_chunk_logits(rows, weight, bias, s, work) / t, -1)
+                    g = _divergence_grad(kind, log_q, teacher[s].to(work), div[s]).mul_(g_div[s, None] / t)
+                    g.addcmul_(log_q1.exp(), g_gold[s, None], value=-1.0)
                     del log_q
                 g.scatter_add_(-1, gold[s], g_gold[s, None])
-                del x
+                del log_q1
                 if weight is None:
                     grad_rows[s] = g.to(rows.dtype)
                     continue
@@ -156,8 +169,8 @@ def dense_losses(
     head_weight: Tensor | None = None,
     head_bias: Tensor | None = None,
     chunk_size: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(log_z [B, L], gold_logit [B, L], kd)`` for the CE and the dense distillation, in one pass over V.
+) -> tuple[Tensor, Tensor]:
+    """``(gold_logprob [B, L], kd)``: the student's log-prob of the gold tokens (the CE's) and the distillation.
 
     Args:
         inputs: ``[B, L, V]`` student logits, or ``[B, L, H]`` hidden states with ``head_weight`` ``[V, H]``.
@@ -169,21 +182,21 @@ def dense_losses(
         chunk_size: positions per chunk; None = ``default_chunk_size(V)``.
 
     Returns:
-        The student's log-normaliser and gold logit (CE = ``log_z - gold_logit``) and the mean divergence over
-        ``mask`` (0 with a gradient path when ``mask`` is all False).
+        ``log_softmax(z)`` at the gold ids and the mean divergence over ``mask`` (0 with a gradient path when
+        ``mask`` is all False).
     """
     b, length, width = inputs.shape
     vocab = width if head_weight is None else head_weight.shape[0]
     if teacher_logprobs.shape != (b, length, vocab):
         raise ValueError(f"`teacher_logprobs` must be [B, L, V] = {[b, length, vocab]}, got {list(teacher_logprobs.shape)}.")
     step = chunk_size or default_chunk_size(vocab)
-    log_z, gold_logit, div = _DenseLosses.apply(
+    gold_lp, div = _DenseLosses.apply(
         inputs.reshape(b * length, width), head_weight, head_bias, teacher_logprobs.detach().reshape(b * length, vocab),
         gold.reshape(b * length, 1).long().clamp(0, vocab - 1), float(temperature), kind, step,
     )
     div = div.view(b, length)
     kd = (div * mask).sum() / mask.sum().clamp_min(1) * temperature**2
-    return log_z.view(b, length), gold_logit.view(b, length), kd
+    return gold_lp.view(b, length), kd
 
 
 def distill_terms(
@@ -204,8 +217,9 @@ def distill_terms(
     ``student_stats`` for both and ``lightning_fuse.distill.sparse_divergence``)."""
     if dense_ok and all_dense(outputs):
         log_p, has_teacher = dense_teacher(outputs, weights, temperature)
-        log_z, gold_logit, kd = dense_losses(inputs, log_p, gold, mask & has_teacher, kind, temperature, *head)
-        return StudentStats(log_z, log_z, None, gold_logit.unsqueeze(-1)), kd
+        gold_lp, kd = dense_losses(inputs, log_p, gold, mask & has_teacher, kind, temperature, *head)
+        zero = torch.zeros_like(gold_lp)  # picked - log_z is the gold log-prob: normalised logits, log_z = 0
+        return StudentStats(zero, zero, None, gold_lp.unsqueeze(-1)), kd
     teacher = fuse(outputs, weights)
     stats = student_stats(inputs, torch.cat([gold.unsqueeze(-1), teacher.ids], -1), temperature, teacher.ids,
                           head_weight=head[0], head_bias=head[1])

@@ -496,8 +496,9 @@ def main() -> None:
     print("\n| comparison | contender | median | best | spread | vs peer | note |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+        vs = "peer not run" if r["vs"] != r["vs"] else f"{r['vs']:.2f}x"  # NaN: --contenders left the peer out
         print(f"| {r['group']} | {r['name']} | {_fmt(r['median'], r['unit'])} | {_fmt(r['best'], r['unit'])} | "
-              f"{r['spread']:.0%} | {r['vs']:.2f}x | {r['note']} |")
+              f"{r['spread']:.0%} | {vs} | {r['note']} |")
     print("\nvs peer: median over rounds of the peer's time / this row's, both measured in the same round (> 1: faster "
           "than the peer). best: the fastest round. spread: (slowest - fastest) / median.")
     if args.fast:

@@ -61,9 +61,10 @@ def test_dense_loss_equals_trl_gkd_on_a_fixed_batch(tmp_path):
     assert theirs > 0
     dense = loss(len(tok))
     assert theirs == pytest.approx(reference, abs=1e-7)
-    # 2e-6: dense mode computes the dense KL itself (lightning_fuse.dense, no "other" bucket); on a batch without
-    # padding it equals the float64 reference to 4e-8. Here the left-padded rows leave 1.1e-6: the teacher inside
-    # GKDTrainer gives logits up to 4e-3 away from the same weights loaded from its folder (ours) on those rows
+    # 2e-6: dense mode computes the dense KL itself (lightning_fuse.dense, no "other" bucket); with its own models
+    # and the same left padding it equals a float64 reference to 4e-8. Here 1.1e-6 is left: on this batch the
+    # teacher object inside GKDTrainer gives logits up to 4e-3 away from the same weights loaded from its folder
+    # (ours), for a reason we did not find
     assert dense == pytest.approx(reference, abs=2e-6)
     assert dense == pytest.approx(theirs, abs=2e-6)
     assert loss(5) < theirs  # top-k: a lower bound of the same divergence (support + "other" bucket)

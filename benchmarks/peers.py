@@ -296,7 +296,10 @@ def _paired(peer: list[float], ours: list[float]) -> float:
     return statistics.median(p / o for p, o in zip(peer, ours, strict=True))
 
 
-def train_rows(world: dict, s: Settings, fast: bool) -> list[dict]:
+TRAIN_KEYS = ("gkd", "lf10", "lfV", "gold_sp", "lf_sp", "gold_bl", "lf_bl")
+
+
+def train_rows(world: dict, s: Settings, fast: bool, only: tuple[str, ...] = TRAIN_KEYS) -> list[dict]:
     contenders = {
         "gkd": ("same tokenizer", "TRL GKD (off-policy, lmbda 0, beta 0)", lambda: TrlGkd(world)),
         "lf10": ("same tokenizer", "lightning-fuse N = 1, top-10", lambda: LightningFuse(world, "teacher", 10)),
@@ -311,6 +314,7 @@ def train_rows(world: dict, s: Settings, fast: bool) -> list[dict]:
         "lf_bl": ("cross-tokenizer, byte-level teacher", "lightning-fuse N = 1, top-10",
                   lambda: LightningFuse(world, "teacher_bl", 10)),
     }
+    contenders = {k: v for k, v in contenders.items() if k in only}
     built = {key: make() for key, (_, _, make) in contenders.items()}
     losses = {key: c.loss() for key, c in built.items()}  # at the initial weights, before any training
     ms = {key: [] for key in built}
@@ -323,16 +327,16 @@ def train_rows(world: dict, s: Settings, fast: bool) -> list[dict]:
     rows = []
     for key, (group, name, _) in contenders.items():
         t = _summary(ms[key])
-        vs = _paired(ms[peer[key]], ms[key])
+        vs = _paired(ms[peer[key]], ms[key]) if peer[key] in ms else float("nan")
         note = f"loss {losses[key]:.6f}"
-        if key == "lfV":
+        if key == "lfV" and "gkd" in losses:
             diff = abs(losses[key] - losses["gkd"])
             note += f" (GKD's to {diff:.1e})"
             if fast:
                 assert diff < 1e-4 * max(1.0, abs(losses["gkd"])), f"dense loss {losses[key]} != GKD's {losses['gkd']}"
         if key == "lf10":
             note += " (sparse lower bound)"
-        if key in ("lf_sp", "lf_bl"):
+        if key in ("lf_sp", "lf_bl") and "lf10" in ms:
             note += f"; {_paired(ms['lf10'], ms[key]):.2f}x our same-tokenizer top-10 speed"
         if key.startswith("gold"):
             note += " (ULD, another objective)"
@@ -463,6 +467,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: the least noisy)")
     parser.add_argument("--only", nargs="+", choices=["train", "merge", "align"], default=["train", "merge", "align"])
+    parser.add_argument("--contenders", nargs="+", choices=TRAIN_KEYS, default=list(TRAIN_KEYS),
+                        help="training rows to run (default all; e.g. gkd lf10 lfV lf_sp lf_bl skips TRL GOLD's)")
     args = parser.parse_args()
     missing = [m for m in ("trl", "mergekit") if importlib.util.find_spec(m) is None]
     if missing:
@@ -482,7 +488,7 @@ def main() -> None:
               f"{s.warmup} warm-up, {s.rounds} rounds; built in {time.perf_counter() - t0:.0f}s", flush=True)
         rows = []
         if "train" in args.only:
-            rows += train_rows(world, s, args.fast)
+            rows += train_rows(world, s, args.fast, tuple(args.contenders))
         if "merge" in args.only:
             rows += merge_rows(world, s, args.fast)
         if "align" in args.only:
@@ -490,8 +496,9 @@ def main() -> None:
     print("\n| comparison | contender | median | best | spread | vs peer | note |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+        vs = "peer not run" if r["vs"] != r["vs"] else f"{r['vs']:.2f}x"  # NaN: --contenders left the peer out
         print(f"| {r['group']} | {r['name']} | {_fmt(r['median'], r['unit'])} | {_fmt(r['best'], r['unit'])} | "
-              f"{r['spread']:.0%} | {r['vs']:.2f}x | {r['note']} |")
+              f"{r['spread']:.0%} | {vs} | {r['note']} |")
     print("\nvs peer: median over rounds of the peer's time / this row's, both measured in the same round (> 1: faster "
           "than the peer). best: the fastest round. spread: (slowest - fastest) / median.")
     if args.fast:

@@ -173,12 +173,14 @@ def sparse_divergence(
     p, q = log_p.exp(), log_q_all.exp()
     if kind == "forward_kl":
         per_pos = torch.where(p > 0, p * (log_p - log_q_all), 0.0).sum(-1)
+    # the where() goes inside the product: q * (-inf - x) at q = 0 (an empty student tail, k >= V) has a NaN gradient
     elif kind == "reverse_kl":  # where the teacher has exactly 0 (and the student not) its log-prob is log(1e-12)
         log_p_floor = torch.where(torch.isneginf(log_p), math.log(_EPS), log_p)
-        per_pos = torch.where(q > 0, q * (log_q_all - log_p_floor), 0.0).sum(-1)
+        per_pos = (q * torch.where(q > 0, log_q_all - log_p_floor, 0.0)).sum(-1)
     else:
-        log_m = torch.logaddexp(log_p, log_q_all) - math.log(2)
+        both = (p == 0) & (q == 0)  # logaddexp(-inf, -inf) has a NaN gradient: a finite stand-in, weighted 0 below
+        log_m = torch.logaddexp(log_p.masked_fill(both, 0.0), log_q_all.masked_fill(both, 0.0)) - math.log(2)
         per_pos = 0.5 * torch.where(p > 0, p * (log_p - log_m), 0.0).sum(-1)
-        per_pos = per_pos + 0.5 * torch.where(q > 0, q * (log_q_all - log_m), 0.0).sum(-1)
+        per_pos = per_pos + 0.5 * (q * torch.where(q > 0, log_q_all - log_m, 0.0)).sum(-1)
     count = mask.sum()
     return (per_pos * mask).sum() / count.clamp_min(1) * t**2

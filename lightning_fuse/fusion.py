@@ -33,10 +33,14 @@ class SparseDist:
     Attributes:
         ids: ``[B, L, k]`` int64 target-vocabulary ids; ``-1`` marks an empty slot (probability 0).
         logprobs: ``[B, L, k]`` log-probabilities normalised over the full vocabulary (``-inf`` for empty slots).
+        dense: the slots are the whole vocabulary in id order at every position (``distill_top_k >= V``, same
+            tokenizer): ``logprobs`` is the full log-softmax and the losses take the dense path
+            (``lightning_fuse.dense``).
     """
 
     ids: Tensor
     logprobs: Tensor
+    dense: bool = False
 
     @property
     def probs(self) -> Tensor:
@@ -85,7 +89,7 @@ def source_output_from_logits(logits: Tensor, labels: Tensor, top_k: int, chunk_
     mask = next_token_mask(labels)
     top_lp, top_ids, gold = sparse_logprobs(logits, top_k, gold_next_tokens(labels), chunk_size)
     gold = gold * mask
-    return SourceOutput(SparseDist(top_ids, top_lp), gold, sequence_ce(gold, mask))
+    return SourceOutput(SparseDist(top_ids, top_lp, dense=top_k >= logits.shape[-1]), gold, sequence_ce(gold, mask))
 
 
 def source_output_from_hidden(
@@ -96,7 +100,9 @@ def source_output_from_hidden(
     mask = next_token_mask(labels)
     top_lp, top_ids, gold = sparse_logprobs_from_hidden(hidden, head, top_k, gold_next_tokens(labels), chunk_size)
     gold = gold * mask
-    return SourceOutput(SparseDist(top_ids, top_lp), gold, sequence_ce(gold, mask))
+    # k = min(top_k, V): dense when top_k > k, or top_k = k = V (the head's width, from one row)
+    dense = top_k > top_lp.shape[-1] or top_k == head(hidden.reshape(-1, hidden.shape[-1])[:1]).shape[-1]
+    return SourceOutput(SparseDist(top_ids, top_lp, dense=dense), gold, sequence_ce(gold, mask))
 
 
 def sequence_ce(gold_logprob: Tensor, mask: Tensor) -> Tensor:

@@ -4,9 +4,8 @@ A source's logits come out of its LM head as ``[B, L, V]`` (often bf16). What th
 the top-k log-probabilities and ids and the log-probability of the gold next token at each position. Computing
 them from ``log_softmax(logits.float())`` materialises ``B x L x V`` float32 values (8 x 2048 x 262k x 4 B = 17 GB
 for one source). ``sparse_logprobs`` works on chunks of positions instead: per chunk it casts to float32, takes
-the log-normaliser ``logZ = logsumexp(x)``, the top-k of the raw logits (the same ids as the top-k of the
-log-probs: subtracting ``logZ`` keeps the order) and the gold logit, and subtracts ``logZ``. At most
-``chunk_size x V`` float32 values (plus what ``logsumexp`` allocates for one chunk) are alive at once.
+``log_softmax`` (one fused pass; ``logsumexp`` and a subtraction take twice as long on CPU), its top-k and the
+gold log-prob. At most two ``chunk_size x V`` float32 tensors are alive at once.
 """
 
 from __future__ import annotations
@@ -40,7 +39,8 @@ def sparse_logprobs(
     Returns:
         ``(top_logprobs [B, L, k] float32, top_ids [B, L, k] int64, gold_logprob [B, L] float32)``; the top-k are
         sorted by decreasing probability, as ``torch.topk`` returns them, except when ``top_k >= V`` (dense mode):
-        then no ``topk`` runs and the ids are ``0 .. V-1`` in order (the log-softmax itself). Differentiable in
+        then no ``topk`` runs and the ids are ``0 .. V-1`` in order (a broadcast view; the log-probs are the
+        log-softmax itself). Differentiable in
         ``logits``.
     """
     if logits.dim() != 3:
@@ -115,22 +115,23 @@ def _sparse_rows(
     dense = top_k >= vocab
     tops, ids, golds = [], [], []
     for start in range(0, b * length, step):
-        x = rows(start, start + step).float()
-        log_z = torch.logsumexp(x, dim=-1, keepdim=True)
-        golds.append(x.gather(-1, gold[start : start + step]) - log_z)
+        lp = torch.log_softmax(rows(start, start + step).float(), dim=-1)  # one fused pass (logsumexp takes two)
+        golds.append(lp.gather(-1, gold[start : start + step]))
         if dense:  # every id is kept: no sort
-            tops.append(x - log_z)
-            ids.append(torch.arange(vocab, device=x.device).expand(x.shape[0], vocab))
+            tops.append(lp)
         else:
-            top_val, top_id = x.topk(k, dim=-1)
-            tops.append(top_val - log_z)
+            top_val, top_id = lp.topk(k, dim=-1)
+            tops.append(top_val)
             ids.append(top_id)
-        del x
+        del lp
     if not tops:  # B * L == 0
         empty = torch.zeros((0, k), dtype=torch.float32, device=gold_ids.device)
         return (empty.view(b, length, k), empty.long().view(b, length, k), empty[:, :0].reshape(b, length))
+    top_lp = torch.cat(tops).view(b, length, k) if len(tops) > 1 else tops[0].view(b, length, k)
+    if dense:  # ids 0 .. V-1 at every position: a broadcast view, no [B, L, V] int64 tensor
+        all_ids = torch.arange(vocab, device=top_lp.device).expand(b, length, vocab)
     return (
-        torch.cat(tops).view(b, length, k),
-        torch.cat(ids).view(b, length, k),
+        top_lp,
+        all_ids if dense else torch.cat(ids).view(b, length, k),
         torch.cat(golds).view(b, length),
     )

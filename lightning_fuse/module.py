@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 
 from lightning_fuse.alignment.aligner import AlignedBatch
 from lightning_fuse.callbacks import SelectionFeedback
-from lightning_fuse.distill import sparse_divergence
+from lightning_fuse.dense import distill_terms
 from lightning_fuse.fusion import (
     DISTILL_LOSSES,
     STRATEGIES,
@@ -510,13 +510,9 @@ class FusionModule(pl.LightningModule):
         weights = selection.weights if selection.token_weights is None else selection.token_weights
         if warmup:  # distil the CE ranking's top-K while the selector learns (it still gets its own loss below)
             weights = self.selector.select(-result["source_ce"].float()).weights
-        teacher = self.fuse_distributions(outputs, weights.detach())
-        # one chunked pass over the vocabulary gives the CE's and the distillation's statistics
-        pick = torch.cat([gold.unsqueeze(-1), teacher.ids], -1)
-        stats = student_stats(inputs, pick, h.temperature, teacher.ids, head_weight=head[0], head_bias=head[1])
+        stats, kd = distill_terms(outputs, weights.detach(), inputs, head, gold, mask, h.distill_loss, h.temperature,
+                                  self.fuse_distributions, type(self).fuse_distributions is FusionModule.fuse_distributions)
         clm = finish_clm(stats)
-        kd_stats = StudentStats(stats.log_z, stats.log_z_t, stats.log_z_out, stats.picked[..., 1:])
-        kd = sparse_divergence(kd_stats, teacher, mask, h.distill_loss, h.temperature, vocab_size=self._vocab_size(head, inputs))
         loss = h.clm_weight * clm + (1.0 - h.clm_weight) * kd
         result["kd"] = kd
         if h.strategy == "adaptive":
@@ -556,10 +552,6 @@ class FusionModule(pl.LightningModule):
             return out.logits, (None, None), hidden
         return out[0], (head.weight, head.bias), hidden
 
-    @staticmethod
-    def _vocab_size(head: tuple, inputs: Tensor) -> int:
-        return inputs.shape[-1] if head[0] is None else head[0].shape[0]
-
     @property
     def feedback(self) -> SelectionFeedback | None:
         if self._trainer is None:
@@ -579,9 +571,9 @@ class FusionModule(pl.LightningModule):
             r = self._step(batch, "train")
             parts = {k: r[k] for k in ("clm", "kd", "selector_loss", "token_selector_loss", "feedback") if k in r}
             fault = None
-            for name, out in zip(self.source_names, r.get("outputs") or []):
-                lp = out.dist.logprobs[out.dist.ids >= 0]  # -1 = empty slot (a row the source did not run on)
-                if torch.isnan(lp).any() or torch.isposinf(lp).any():
+            for name, out in zip(self.source_names, r.get("outputs") or []):  # max: NaN or +inf if any (empty: -inf)
+                lp = out.dist.logprobs if out.dist.dense else out.dist.logprobs.masked_fill(out.dist.ids < 0, -math.inf)
+                if lp.numel() and not float(lp.max()) < math.inf:
                     fault = f"source {name!r} produced NaN/inf log-probs"
                     break
             if fault is None and not torch.isfinite(r["loss"]):

@@ -59,12 +59,23 @@ class _Stats(torch.autograd.Function):
         log_z_t = rows.new_empty(n, dtype=work)
         log_z_out = rows.new_full((n,), float("nan"), dtype=work)
         picked = rows.new_empty(pick.shape, dtype=work)
-        kept = None  # one chunk only: keep its logits for the backward pass (no recompute; still O(chunk x V))
+        kept = None  # one chunk only: keep its logits (or softmax) for the backward pass (no recompute)
+        fast = []  # per chunk: T = 1 with a tail, taken from one softmax (_fast_tail)
         for start in range(0, n, step):
             s = slice(start, start + step)
             x = _chunk_logits(rows, weight, bias, s, work)
-            log_z[s] = torch.logsumexp(x, -1)
             picked[s] = x.gather(-1, pick[s])
+            if temperature == 1.0 and exclude is not None:
+                p1 = _fast_tail(x, exclude[s], vocab, log_z, log_z_out, s)
+                fast.append(p1 is not None)
+                if p1 is not None:
+                    log_z_t[s] = log_z[s]
+                    kept = p1 if weight is not None and n <= step else None
+                    del x, p1
+                    continue
+            else:
+                fast.append(False)
+            log_z[s] = torch.logsumexp(x, -1)
             xt = x / temperature if temperature != 1.0 else x
             log_z_t[s] = torch.logsumexp(xt, -1) if temperature != 1.0 else log_z[s]
             if exclude is not None:  # not in place: x may be the logits themselves
@@ -78,6 +89,7 @@ class _Stats(torch.autograd.Function):
         saved += [bias] if bias is not None else []
         saved += [kept] if kept is not None else []
         ctx.save_for_backward(*saved)
+        ctx.fast = fast
         ctx.flags = (temperature, step, exclude is not None, weight is not None, bias is not None, work, kept is not None)
         if exclude is None:
             ctx.mark_non_differentiable(log_z_out)
@@ -106,18 +118,18 @@ class _Stats(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=work) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = torch.zeros_like(bias, dtype=work) if bias is not None and ctx.needs_input_grad[2] else None
         with torch.no_grad():
-            for start in range(0, n, step):
+            for chunk, start in enumerate(range(0, n, step)):
                 s = slice(start, start + step)
-                x = kept if kept is not None else _chunk_logits(rows, weight, bias, s, work)
-                g = torch.exp(x - log_z[s, None]) * g_z[s, None]
-                xt = x / t if t != 1.0 else x
-                if t != 1.0:
-                    g += torch.exp(xt - log_z_t[s, None]) * (g_t[s, None] / t)
-                if exclude is not None:
-                    p_out = torch.exp(xt - safe_out[s, None]).masked_fill_(_exclusion_mask(exclude[s], vocab), 0.0)
-                    g += p_out * (g_out[s, None] / t)
+                if ctx.fast[chunk]:  # T = 1: one softmax serves the normaliser and the tail
+                    p1 = kept if kept is not None else torch.exp(_chunk_logits(rows, weight, bias, s, work) - log_z[s, None])
+                    g = _fast_tail_grad(p1, exclude[s], g_z[s], g_out[s] * torch.exp(log_z[s] - safe_out[s]))
+                    del p1
+                else:
+                    x = kept if kept is not None else _chunk_logits(rows, weight, bias, s, work)
+                    g = _exact_grad(x, log_z[s], log_z_t[s], safe_out[s], g_z[s], g_t[s], g_out[s], t,
+                                    None if exclude is None else exclude[s], vocab)
+                    del x
                 g.scatter_add_(-1, pick[s], g_pick[s].to(work))
-                del x, xt
                 if weight is None:
                     grad_rows[s] = g.to(rows.dtype)
                     continue
@@ -133,6 +145,50 @@ class _Stats(torch.autograd.Function):
             None if grad_b is None else grad_b.to(bias.dtype),
             None, None, None, None,
         )
+
+
+_TINY_TAIL = 1e-30  # below it the tail's softmax entries may underflow: the exact masked logsumexp is used
+
+
+def _fast_tail(x: Tensor, exclude: Tensor, vocab: int, log_z: Tensor, log_z_out: Tensor, s: slice) -> Tensor | None:
+    """T = 1: ``log_z`` and ``log_z_out`` from one fused ``log_softmax`` (``logsumexp`` costs twice as much on CPU,
+    and the tail needed a second one): ``log_z_out = log_z + log(sum of the softmax outside the support)``, the tail
+    summed entry by entry (never ``1 - sum(support)``). Returns the softmax, or None (nothing written) when a tail
+    is below ``_TINY_TAIL``, where its entries may underflow: then the caller takes the exact path."""
+    lsm = torch.log_softmax(x, -1)
+    top, where = x.max(-1, keepdim=True)
+    lz = (top - lsm.gather(-1, where)).squeeze(-1)  # at the argmax lsm is near 0: no precision lost
+    p1 = lsm.exp_()
+    tail = p1.masked_fill(_exclusion_mask(exclude, vocab), 0.0).sum(-1)
+    if bool((tail < _TINY_TAIL).any()):
+        return None
+    log_z[s] = lz
+    log_z_out[s] = lz + tail.log()
+    return p1
+
+
+def _fast_tail_grad(p1: Tensor, exclude: Tensor, g_z: Tensor, c_out: Tensor) -> Tensor:
+    """The logits' gradient on a ``_fast_tail`` chunk: ``p1 (g_z + c_out)`` outside the support, ``p1 g_z`` on it
+    (written, not subtracted: no cancellation), with ``c_out = g_out exp(log_z - log_z_out)``."""
+    g = p1 * (g_z + c_out).unsqueeze(-1)
+    first = exclude.max(-1, keepdim=True).values  # a valid support id of the row, -1 if none
+    place = torch.where(exclude >= 0, exclude, first.clamp_min(0))  # empty slots rewrite a support id (or id 0)
+    on_support = (exclude >= 0) | (first >= 0)
+    value = torch.where(on_support, g_z.unsqueeze(-1), (g_z + c_out).unsqueeze(-1))
+    return g.scatter_(-1, place, p1.gather(-1, place) * value)
+
+
+def _exact_grad(x: Tensor, log_z: Tensor, log_z_t: Tensor, safe_out: Tensor, g_z: Tensor, g_t: Tensor, g_out: Tensor,
+                t: float, exclude: Tensor | None, vocab: int) -> Tensor:
+    """The logits' gradient from each softmax separately (any T; tails of any size)."""
+    g = torch.exp(x - log_z[:, None]) * g_z[:, None]
+    xt = x / t if t != 1.0 else x
+    if t != 1.0:
+        g += torch.exp(xt - log_z_t[:, None]) * (g_t[:, None] / t)
+    if exclude is not None:
+        p_out = torch.exp(xt - safe_out[:, None]).masked_fill_(_exclusion_mask(exclude, vocab), 0.0)
+        g += p_out * (g_out[:, None] / t)
+    return g
 
 
 def student_stats(

@@ -61,8 +61,10 @@ def test_dense_loss_equals_trl_gkd_on_a_fixed_batch(tmp_path):
     assert theirs > 0
     dense = loss(len(tok))
     assert theirs == pytest.approx(reference, abs=1e-7)
-    # 2e-6: with k = V our float32 "other" bucket keeps the rounding residue of 1 - sum(p) (up to ~2e-7 of mass)
-    # against q_other clamped at 1e-12, which adds up to ~1e-6 nats; the rest agrees to ~3e-8
+    # 2e-6: dense mode computes the dense KL itself (lightning_fuse.dense, no "other" bucket); with its own models
+    # and the same left padding it equals a float64 reference to 4e-8. Here 1.1e-6 is left: on this batch the
+    # teacher object inside GKDTrainer gives logits up to 4e-3 away from the same weights loaded from its folder
+    # (ours), for a reason we did not find
     assert dense == pytest.approx(reference, abs=2e-6)
     assert dense == pytest.approx(theirs, abs=2e-6)
     assert loss(5) < theirs  # top-k: a lower bound of the same divergence (support + "other" bucket)

@@ -75,3 +75,27 @@ def test_chunked_argmax_matches_argmax():
     assert torch.equal(chunked_argmax(hidden, weight, None, chunk_size=2), (hidden @ weight.T).argmax(-1))
     logits = torch.randn(3, 7, 13)
     assert torch.equal(chunked_argmax(logits, chunk_size=4), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("tail_gap", [0.0, 80.0])
+def test_t1_tail_from_one_softmax_and_tiny_tail_fallback(tail_gap):
+    """T = 1 takes the tail from one softmax; a tail below 1e-30 of the mass (a gap of 80 nats: its softmax
+    entries would underflow in float32) takes the exact masked logsumexp instead. Both equal float64 autograd,
+    in float32 too, to float32 rounding."""
+    torch.manual_seed(1)
+    z = torch.randn(2, 3, 9, dtype=torch.float64) * 2
+    exclude = torch.tensor([0, 1, -1]).expand(2, 3, 3).clone()
+    exclude[1, 1] = -1  # a row without support: no exclusion
+    z[..., :2] += tail_gap
+    pick = torch.randint(0, 9, (2, 3, 2))
+    coef = [torch.randn(2, 3, dtype=torch.float64) for _ in range(3)] + [torch.randn(2, 3, 2, dtype=torch.float64)]
+    ref_z = z.clone().requires_grad_()
+    ref = _reference(ref_z, pick, 1.0, exclude)
+    _loss(ref, coef).backward()
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        got_z = z.to(dtype).detach().requires_grad_()
+        stats = student_stats(got_z, pick, 1.0, exclude)
+        for a, r in zip((stats.log_z, stats.log_z_out, stats.picked), (ref[0], ref[2], ref[3])):
+            torch.testing.assert_close(a.double(), r.detach(), atol=tol * (1 + tail_gap), rtol=tol)
+        _loss((stats.log_z, stats.log_z_t, stats.log_z_out, stats.picked), [c.to(dtype) for c in coef]).backward()
+        torch.testing.assert_close(got_z.grad.double(), ref_z.grad, atol=tol, rtol=tol)

@@ -8,6 +8,7 @@ callbacks). The weights are read in place into a module built from the hyper-par
 from __future__ import annotations
 
 import os
+import warnings
 
 from torch import nn
 
@@ -39,7 +40,9 @@ def load_dcp_weights(module: nn.Module, path: str | os.PathLike) -> None:
 
     state = {"state_dict": module.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=os.fspath(path), no_dist=True)
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=os.fspath(path), no_dist=True)
     except Exception as err:  # missing keys, shape mismatch, damaged shards: one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(

@@ -50,8 +50,8 @@ class LoadReport:
     def line(self) -> str:
         return (
             f"target load (FSDP, rank {self.rank}/{self.world_size}, {self.source}): local shards "
-            f"{self.local_bytes / 2**20:.1f} MB of {self.full_bytes / 2**20:.1f} MB, full copy held: "
-            f"{'yes' if self.held_full_copy else 'no'}, largest chunk {self.largest_chunk_bytes / 2**20:.1f} MB, "
+            f"{self.local_bytes / 2**20:.2f} MB of {self.full_bytes / 2**20:.2f} MB, full copy held: "
+            f"{'yes' if self.held_full_copy else 'no'}, largest chunk {self.largest_chunk_bytes / 2**20:.2f} MB, "
             f"peak RSS {self.peak_rss_mb:.0f} MB"
         )
 

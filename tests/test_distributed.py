@@ -80,7 +80,8 @@ def test_two_process_fsdp_fit_loads_sharded_and_exports_dcp(tiny_world, tmp_path
     torch.save(checkpoint, single)
     _check_state(checkpoint["state_dict"])
 
-    a, b = export(str(folder), str(tmp_path / "from_dcp")), export(str(single), str(tmp_path / "from_file"))
+    a = export("last", str(tmp_path / "from_dcp"), runs_dir=str(tmp_path))  # finds the newest DCP folder
+    b = export(str(single), str(tmp_path / "from_file"))
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert sorted(wa) == sorted(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
     trained = {k.removeprefix("target."): v for k, v in checkpoint["state_dict"].items() if k.startswith("target.")}

@@ -3,13 +3,14 @@
 Two processes (gloo, CPU) load a random Llama target saved as safetensors (fp32, ~370 MB with the defaults):
 
 - ``old``: every rank ``from_pretrained`` the whole target, then ``fully_shard`` (what ``configure_model`` did);
-- ``new``: meta init, ``fully_shard``, then the weights from rank 0's safetensors reads in chunks of
-  ``--chunk_mb`` (default: ``fsdp_load.CHUNK_BYTES``, 1 GiB, i.e. one chunk here) or 64 MB, through
-  ``set_model_state_dict(broadcast_from_rank0=True)``.
+- ``new``: meta init, ``fully_shard``, then the weights from rank 0's safetensors reads in chunks through
+  ``set_model_state_dict(broadcast_from_rank0=True)``: the default chunk (``fsdp_load.default_chunk_bytes``: an
+  eighth of the model within [64 MiB, 1 GiB], 64 MiB here) and, with ``--chunks_mb``, other sizes (e.g. 1024:
+  the whole model in one chunk).
 
 Each load runs in 2 fresh processes; a rank's figure is its peak RSS (``ru_maxrss``) after the load minus its RSS
-before it (after imports and process-group set-up). Rounds are interleaved (old, new, new-64MB, old, ...), the
-median and the min-max over rounds are printed.
+before it (after imports and process-group set-up). Rounds are interleaved (old, new, new-1GB, old, ...), the
+median and the min-max over rounds are printed, and each rank's ``LoadReport`` line.
 
     nice -n 10 python benchmarks/fsdp_load.py --rounds 2
 """
@@ -55,12 +56,13 @@ def _worker(rank: int, path: str, mode: str, chunk_mb: int, port: int, out: str)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         fsdp_load.shard_module(model, mesh)
     else:
-        chunk = fsdp_load.CHUNK_BYTES if chunk_mb == 0 else chunk_mb << 20
-        model, _ = fsdp_load.load_sharded(
+        chunk = None if chunk_mb == 0 else chunk_mb << 20
+        model, report = fsdp_load.load_sharded(
             lambda: fsdp_load.empty_causal_lm(config, "float32"),
             lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), path, mesh,
             torch.device("cpu"), chunk_bytes=chunk,
         )
+        print(report.line(), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(out, f"{rank}.json").write_text(json.dumps({"before": before, "peak": peak}))
     dist.barrier()
@@ -92,11 +94,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--vocab", type=int, default=16000)
     parser.add_argument("--work", default="/tmp/lf_fsdp_load")
+    parser.add_argument("--chunks_mb", default="0,1024", help="chunk sizes of the new path (0: the default)")
     args = parser.parse_args()
     target = Path(args.work) / "target"
     size = make_target(target, args.hidden, args.layers, args.vocab)
     print(f"target: {target} ({size:.0f} MB of fp32 safetensors), 2 processes (gloo, CPU)")
-    variants = [("old", 0), ("new", 0), ("new", 64)]
+    variants = [("old", 0)] + [("new", int(c)) for c in args.chunks_mb.split(",")]
     results: dict[str, list[list[float]]] = {f"{m}{f' {c} MB chunks' if c else ''}": [] for m, c in variants}
     for _ in range(args.rounds):
         for (mode, chunk), name in zip(variants, results):

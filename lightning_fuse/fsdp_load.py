@@ -7,7 +7,7 @@ shards (``to_empty``) and then receives the weights from rank 0 in chunks throug
 one tensor is broadcast at a time and each rank keeps its shard of it.
 
 Rank 0 reads the chunks straight from the target's safetensors files (a chunk is at most ``chunk_bytes`` of
-tensors, cast to the target's dtype one tensor at a time), so that no rank ever holds the whole model. When the
+tensors, an eighth of the model by default, cast to the target's dtype one tensor at a time), so that no rank ever holds the whole model. When the
 files cannot be read that way (no safetensors, a GGUF file, a folder holding only a config, or names that
 ``from_pretrained`` would convert), rank 0 alone loads the model with ``from_pretrained`` and sends it from memory.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +31,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 30  # what rank 0 reads from disk before sending it (each chunk costs one load_state_dict)
+# What rank 0 reads before sending it, by default: an eighth of the model, within [64 MiB, 1 GiB]. Every rank holds
+# a second copy of its shards of a chunk until it is loaded, and each chunk costs one load_state_dict.
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 64 << 20, 1 << 30
+
+
+def default_chunk_bytes(full_bytes: int) -> int:
+    return min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, full_bytes // 8))
 
 
 @dataclass
@@ -167,7 +173,7 @@ def _materialise(model: nn.Module, device: torch.device) -> None:
 
 
 def _plan(path: str, layout: tuple, dtype: torch.dtype, gguf: bool, build_full: Callable[[], nn.Module],
-          chunk_bytes: int):
+          chunk_bytes: int | None):
     """Rank 0: where the weights come from and in which chunks: ``(files or None, full model or None, plan)``."""
     files = _readable_files(path, layout, gguf)
     full = None
@@ -178,7 +184,7 @@ def _plan(path: str, layout: tuple, dtype: torch.dtype, gguf: bool, build_full: 
     else:
         full = build_full()
         sizes = {name: t.numel() * t.element_size() for name, t in full.state_dict().items()}
-    return files, full, _chunks(sizes, chunk_bytes)
+    return files, full, _chunks(sizes, chunk_bytes or default_chunk_bytes(sum(sizes.values())))
 
 
 def load_sharded(
@@ -188,7 +194,7 @@ def load_sharded(
     mesh,
     device: torch.device,
     gguf: bool = False,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> tuple[nn.Module, LoadReport]:
     """The target sharded over ``mesh`` with its weights loaded, no rank holding a full copy on the safetensors path.
 
@@ -199,7 +205,7 @@ def load_sharded(
         mesh: the data-parallel device mesh to shard over.
         device: this rank's device.
         gguf: the target is a GGUF file (always loaded with ``build_full``).
-        chunk_bytes: the most bytes of weights rank 0 reads before sending them.
+        chunk_bytes: the most bytes of weights rank 0 reads before sending them (default: `default_chunk_bytes`).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -234,26 +240,19 @@ def load_sharded(
         set_model_state_dict(model, chunk, options=options)
         del chunk
     del full_state, full
+    params = list(model.parameters())  # DTensors: numel() is the whole tensor's, to_local() this rank's shard
     report = LoadReport(
         rank=rank, world_size=dist.get_world_size(), source=source,
-        full_bytes=sum(_full_numel(p) * p.element_size() for p in _unique_params(model)),
-        local_bytes=sum(_local(p).numel() * p.element_size() for p in _unique_params(model)),
+        full_bytes=sum(p.numel() * p.element_size() for p in params),
+        local_bytes=sum(_local(p).numel() * p.element_size() for p in params),
         held_full_copy=rank == 0 and source == "from_pretrained", largest_chunk_bytes=largest,
         peak_rss_mb=peak_rss_mb(),
     )
     return model, report
 
 
-def _unique_params(model: nn.Module) -> Iterator[Tensor]:
-    yield from model.parameters()
-
-
 def _local(p: Tensor) -> Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
-
-
-def _full_numel(p: Tensor) -> int:
-    return p.numel()  # a DTensor's numel is the global one
 
 
 def fsdp_mesh(module) -> DeviceMesh | None:

@@ -302,7 +302,12 @@ def checkpoint_folders(trainer: Any) -> list[Path]:
 
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a whole ``torch.save`` zip: its central directory (at the very end) reads and lists the
-    pickle. Cheap (reads the directory, not the tensors); a file cut short anywhere fails it."""
+    pickle. Cheap (reads the directory, not the tensors); a file cut short anywhere fails it. A folder is complete
+    when it is a distributed checkpoint (FSDP, ``save_distributed_checkpoint``) whose index and ``meta.pt`` exist."""
+    if os.path.isdir(path):
+        from lightning_fuse.dcp import is_dcp_folder
+
+        return is_dcp_folder(path)
     try:
         with zipfile.ZipFile(path) as z:
             return any(name.endswith("data.pkl") for name in z.namelist())
@@ -311,7 +316,7 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def newest_checkpoint(folders: list[str | os.PathLike]) -> str | None:
-    """The newest complete ``.ckpt`` in ``folders`` (by modification time; ``last*`` first on a tie), or None.
+    """The newest complete ``.ckpt`` (file or distributed folder) in ``folders`` (by modification time; ``last*`` first on a tie), or None.
 
     This is what ``--ckpt_path last`` resumes from: usually ``last.ckpt``, but a complete ``step31.ckpt`` written
     after it (the disk filled up before ``last.ckpt`` was replaced, or the process was killed while writing the
@@ -320,7 +325,7 @@ def newest_checkpoint(folders: list[str | os.PathLike]) -> str | None:
     found = set()
     for folder in folders:
         try:
-            found |= {p for p in Path(folder).glob("*.ckpt") if p.is_file()}
+            found |= set(Path(folder).glob("*.ckpt"))  # files, and folders of distributed checkpoints
         except OSError:
             continue
     ranked = sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("last")), reverse=True)

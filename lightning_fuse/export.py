@@ -46,15 +46,22 @@ def _quiet_loading():
 
 
 def load_module(ckpt: str, load_sources: bool = False):
-    """A FusionModule restored from ``ckpt`` (target + selector; sources only if ``load_sources``)."""
+    """A FusionModule restored from ``ckpt`` (target + selector; sources only if ``load_sources``): a checkpoint
+    file, or the folder of a distributed checkpoint (``ModelParallelStrategy(save_distributed_checkpoint=True)``)."""
+    from lightning_fuse.checkpoint import load_checkpoint_file
     from lightning_fuse.module import FusionModule
 
-    if not os.path.isfile(ckpt):
-        raise FileNotFoundError(f"`--ckpt` {ckpt!r} is not a file. Pass a checkpoint written by `lightning-fuse fit`.")
-    from lightning_fuse.checkpoint import load_checkpoint_file
+    if os.path.isdir(ckpt):
+        from lightning_fuse.dcp import check_dcp_folder, load_dcp_weights
 
-    checkpoint = load_checkpoint_file(ckpt, map_location="cpu", weights_only=True)  # one-line error if damaged
-    if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+        check_dcp_folder(ckpt)
+        checkpoint = load_checkpoint_file(os.path.join(ckpt, "meta.pt"), map_location="cpu", weights_only=True)
+    elif os.path.isfile(ckpt):
+        checkpoint = load_checkpoint_file(ckpt, map_location="cpu", weights_only=True)  # one-line error if damaged
+    else:
+        raise FileNotFoundError(f"`--ckpt` {ckpt!r} is not a file or a distributed checkpoint folder. Pass a "
+                                "checkpoint written by `lightning-fuse fit`.")
+    if "hyper_parameters" not in checkpoint or ("state_dict" not in checkpoint and not os.path.isdir(ckpt)):
         raise ValueError(f"`--ckpt` {ckpt!r} is not a lightning-fuse checkpoint (no hyper_parameters/state_dict).")
     hparams = dict(checkpoint["hyper_parameters"])
     cls = _module_class(hparams.pop("_class_path", None)) or FusionModule
@@ -62,7 +69,10 @@ def load_module(ckpt: str, load_sources: bool = False):
     module.load_sources = load_sources
     with _quiet_loading() if not load_sources else contextlib.nullcontext():
         module.configure_model()
-    module.load_state_dict(checkpoint["state_dict"])
+    if os.path.isdir(ckpt):
+        load_dcp_weights(module, ckpt)
+    else:
+        module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
 
 
@@ -85,7 +95,8 @@ def export(ckpt: str, out: str, dtype: str | None = None, runs_dir: str = "runs"
     """Write the fused target of ``ckpt`` (weights in safetensors, config, tokenizer) to the folder ``out``.
 
     Args:
-        ckpt: checkpoint written by ``lightning-fuse fit``, or ``last``: the newest complete checkpoint under
+        ckpt: checkpoint written by ``lightning-fuse fit`` (a file, or the folder of a distributed checkpoint
+            under FSDP with ``save_distributed_checkpoint: true``), or ``last``: the newest complete checkpoint under
             ``runs_dir`` (each fit gets a new logger version, so the path changes from run to run).
         out: output folder; loads with ``AutoModelForCausalLM.from_pretrained(out)``. Must not exist or be empty.
         dtype: cast the weights (``float32``, ``bfloat16``, ``float16``) before saving; default keeps them.

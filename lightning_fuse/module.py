@@ -191,7 +191,12 @@ class FusionModule(pl.LightningModule):
     def configure_model(self) -> None:
         """Load the target and the selector (idempotent), then the sources on this process' device."""
         if self.target is None:
-            self.target = self.build_target().train()  # from_pretrained returns eval mode
+            from lightning_fuse.fsdp_load import fsdp_mesh, load_target_sharded
+
+            if (mesh := fsdp_mesh(self)) is not None and type(self).build_target is FusionModule.build_target:
+                self.target = load_target_sharded(self, mesh).train()  # meta init, rank 0 sends the weights
+            else:  # a subclass' build_target loads fully on every rank (sharded below)
+                self.target = self.build_target().train()  # from_pretrained returns eval mode
             if self.tokenizer is not None and self.target.get_input_embeddings().num_embeddings < len(self.tokenizer):
                 raise ValueError(
                     f"The target's embedding has {self.target.get_input_embeddings().num_embeddings} rows but its "
@@ -206,29 +211,10 @@ class FusionModule(pl.LightningModule):
         self._shard()
 
     def _shard(self) -> None:
-        """FSDP2 under ``ModelParallelStrategy``: shard each decoder layer, then the target and the selector.
+        """FSDP2 under ``ModelParallelStrategy``: the target's layers, the target, the selector (not the sources)."""
+        from lightning_fuse.fsdp_load import shard_fusion
 
-        The frozen sources are not sharded: each process holds its own (8-bit on CUDA) copy.
-        """
-        if self._trainer is None or getattr(self, "_sharded", False):
-            return
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        layer_names = set(getattr(self.target, "_no_split_modules", None) or [])
-        for submodule in self.target.modules():
-            if type(submodule).__name__ in layer_names:
-                fully_shard(submodule, mesh=mesh)
-        fully_shard(self.target, mesh=mesh)
-        if self.selector is not None:
-            fully_shard(self.selector, mesh=mesh)
-        if self.token_gate is not None:
-            fully_shard(self.token_gate, mesh=mesh)
-        self._sharded = True
+        self._sharded = getattr(self, "_sharded", False) or shard_fusion(self)
 
     @property
     def sources_needed(self) -> bool:
@@ -236,7 +222,11 @@ class FusionModule(pl.LightningModule):
 
     def build_target(self) -> nn.Module:
         h = self.hparams
-        model = load_causal_lm(h.target, "target", h.target_dtype, trust_remote_code=h.trust_remote_code)
+        return self._prepare_target(load_causal_lm(h.target, "target", h.target_dtype,
+                                                   trust_remote_code=h.trust_remote_code))
+
+    def _prepare_target(self, model: nn.Module) -> nn.Module:
+        h = self.hparams
         if h.get("gradient_checkpointing", False):  # .get: checkpoints saved before the option existed
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ValueError(

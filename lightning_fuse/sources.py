@@ -127,6 +127,8 @@ def load_causal_lm(
 
         # dtype stays: the parts bitsandbytes does not quantise (norms, embeddings, LM head) are loaded in it
         kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": str(device)})
+    elif torch.device(device).type != "cpu":  # straight onto the GPU: no copy in host memory first
+        kwargs["device_map"] = {"": str(device)}
     try:
         if os.path.isdir(path) and gguf_file is None and not any((Path(path) / f).exists() for f in _WEIGHT_FILES):
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

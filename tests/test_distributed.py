@@ -1,4 +1,9 @@
-"""Multi-process fits on CPU (gloo): the DDP and FSDP2 presets train the target and the selector."""
+"""Multi-process fits on CPU (gloo): the DDP and FSDP2 presets train the target and the selector.
+
+The FSDP2 run also checks how the target was loaded (tests/fsdp_check.py: no rank calls ``from_pretrained`` on
+it, each holds half of it, rank 0 gathers exactly the plain ``from_pretrained`` weights), prints each rank's peak
+memory, and writes a distributed (DCP) checkpoint that ``export`` turns into the same folder as a single file.
+"""
 
 import json
 import os
@@ -8,35 +13,85 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-def _run(world, tmp_path, preset):
+def _run(world, tmp_path, preset, target, extra=()):
     sources = json.dumps([{"name": n, "path": world[n]} for n in ("words", "sums")])
     cmd = [
         sys.executable, "-m", "lightning_fuse", "fit", "--config", str(CONFIGS / "demo.yaml"),
         "--config", str(CONFIGS / preset),
         "--trainer.accelerator", "cpu",
-        "--model.init_args.target", world["target"], "--model.init_args.sources", sources,
+        "--model.init_args.target", target, "--model.init_args.sources", sources,
         "--data.init_args.data_dir", world["corpus"], "--data.init_args.block_size", "32",
         "--data.init_args.batch_size", "4",
         "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path / "tb"),
-        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_progress_bar", "false", *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    pythonpath = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "world_size: 2" in proc.stderr or "Initializing distributed: GLOBAL_RANK: 1" in proc.stderr
     return proc
 
 
-@pytest.mark.parametrize("preset", ["ddp.yaml", "fsdp.yaml"])
-def test_two_process_fit_on_cpu(tiny_world, tmp_path, preset):
-    proc = _run(tiny_world, tmp_path, preset)
-    assert "world_size: 2" in proc.stderr or "Initializing distributed: GLOBAL_RANK: 1" in proc.stderr
-    ckpts = sorted(tmp_path.rglob("last.ckpt"))
-    assert ckpts, proc.stderr[-2000:]
-    state = torch.load(ckpts[0], map_location="cpu", weights_only=False)["state_dict"]
+def _check_state(state: dict) -> None:
     assert any(k.startswith("selector.") for k in state) and any(k.startswith("target.") for k in state)
     assert not any(k.startswith("sources") for k in state)
+
+
+def test_two_process_ddp_fit_on_cpu(tiny_world, tmp_path):
+    proc = _run(tiny_world, tmp_path, "ddp.yaml", tiny_world["target"])
+    ckpts = sorted(tmp_path.rglob("last.ckpt"))
+    assert ckpts, proc.stderr[-2000:]
+    _check_state(torch.load(ckpts[0], map_location="cpu", weights_only=False)["state_dict"])
+
+
+def test_two_process_fsdp_fit_loads_sharded_and_exports_dcp(tiny_world, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from lightning_fuse.export import export
+
+    # A target with weights (a trained tiny LM), so that the sharded load can be compared with from_pretrained.
+    proc = _run(tiny_world, tmp_path, "fsdp.yaml", tiny_world["general"], [
+        "--trainer.strategy.init_args.save_distributed_checkpoint", "true",
+        "--trainer.callbacks+", "fsdp_check.FSDPLoadCheck",
+    ])
+    ranks = [json.loads((tmp_path / f"fsdp_check_rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        print(f"rank {r['rank']}: peak RSS {r['peak_rss_mb']:.0f} MB, target shard {r['local_bytes']} of "
+              f"{r['full_bytes']} bytes")
+    print("\n".join(line for line in proc.stderr.splitlines() if "target load (FSDP" in line))
+    assert [r["target_from_pretrained_calls"] for r in ranks] == [0, 0]  # no rank loaded the whole target
+    assert all(r["local_bytes"] <= 0.6 * r["full_bytes"] for r in ranks)
+    assert ranks[0]["same_keys"] and ranks[0]["max_abs_diff"] == 0.0
+
+    folder = next(tmp_path.rglob("last.ckpt"))
+    assert folder.is_dir() and (folder / ".metadata").is_file()
+    # torch's own conversion of the folder to one file, plus Lightning's meta.pt: a single-file checkpoint
+    single = tmp_path / "single.ckpt"
+    dcp_to_torch_save(folder, single)
+    checkpoint = torch.load(single, weights_only=False)
+    checkpoint.update(torch.load(folder / "meta.pt", weights_only=False))
+    torch.save(checkpoint, single)
+    _check_state(checkpoint["state_dict"])
+
+    a = export("last", str(tmp_path / "from_dcp"), runs_dir=str(tmp_path))  # finds the newest DCP folder
+    b = export(str(single), str(tmp_path / "from_file"))
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert sorted(wa) == sorted(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    trained = {k.removeprefix("target."): v for k, v in checkpoint["state_dict"].items() if k.startswith("target.")}
+    assert all(torch.equal(wa[k], trained[k]) for k in wa)
+
+
+def test_export_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
+    from lightning_fuse.export import export
+
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(ValueError, match="not a distributed checkpoint") as err:
+        export(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    assert "\n" not in str(err.value)

@@ -786,14 +786,20 @@ def render(agg, methods, regime, assets, wall, runs, fast, command) -> str:
 def _mixed_pairs(methods: list[str]) -> list[tuple[str, str]]:
     pairs = [(m, ref) for m in methods if m.startswith("token") for ref in ("min_ce", "adaptive k2 b0")]
     pairs += [("token adaptive k3", "token min_ce"), ("token adaptive k3 (routed)", "token adaptive k3"),
-              ("adaptive k2 b0", "min_ce"), ("avg_ce", "min_ce")]
+              ("adaptive k2 b0", "min_ce"), ("avg_ce", "min_ce"), ("adaptive k3 b0", "min_ce"),
+              ("token adaptive k3", "adaptive k3 b0"), ("token adaptive k2", "token min_ce"),
+              ("adaptive k2 b0 (rel 0.5)", "min_ce"), ("adaptive k2 b0 (rel 0.5)", "adaptive k2 b0"),
+              ("token adaptive k3 (rel 0.5)", "token adaptive k3"), ("adaptive (library defaults)", "min_ce"),
+              ("adaptive (library defaults)", "adaptive k2 b0")]
     return [(a, b) for a, b in pairs if a in methods and b in methods]
 
 
 def mixed_goals(pure: dict[str, Any], mixed: dict[str, Any], method: str = "token adaptive k3") -> list[str]:
-    """Issue 17's goals, on the seed means and the paired seed spread."""
+    """Issue 17's goals, on the seed means and the paired seed spread; pure blocks against per-sequence adaptive at
+    the same K."""
     out = []
     rp, rm = pure["rows"], mixed["rows"]
+    same_k = method.replace("token adaptive", "adaptive") + " b0"
     if not rm.get(method, {}).get("n") or not rm.get("min_ce", {}).get("n"):
         return out
     a, b = rm[method]["interference"][0], rm["min_ce"]["interference"][0]
@@ -805,13 +811,13 @@ def mixed_goals(pure: dict[str, Any], mixed: dict[str, Any], method: str = "toke
     out.append(f"- mixed blocks: `{method}` interference {a:+.3f} vs per-sequence min_ce {b:+.3f}: {red:.0f}% lower "
                f"(goal >= 50%), paired difference {mean:+.3f} ± {spread:.3f} (goal beyond 2x): "
                f"{'met' if ok else 'NOT met'}")
-    if rp.get(method, {}).get("n") and rp.get("adaptive k2 b0", {}).get("n"):
-        common = sorted(set(pure["per_seed"][method]) & set(pure["per_seed"]["adaptive k2 b0"]))
-        diffs = [pure["per_seed"][method][s]["interference"] - pure["per_seed"]["adaptive k2 b0"][s]["interference"]
+    if rp.get(method, {}).get("n") and rp.get(same_k, {}).get("n"):
+        common = sorted(set(pure["per_seed"][method]) & set(pure["per_seed"][same_k]))
+        diffs = [pure["per_seed"][method][s]["interference"] - pure["per_seed"][same_k][s]["interference"]
                  for s in common]
         mean, spread = _mean_std(diffs)
         ok = mean <= 2 * spread
-        out.append(f"- pure blocks: `{method}` vs per-sequence `adaptive k2 b0`: paired difference of interference "
+        out.append(f"- pure blocks: `{method}` vs per-sequence `{same_k}` (same K): paired difference of interference "
                    f"{mean:+.3f} ± {spread:.3f} (goal: no worse beyond 2x the spread): {'met' if ok else 'NOT met'}")
     return out
 
@@ -859,8 +865,13 @@ def render_mixed(pure, mixed, methods, regime, assets, wall, runs, fast, command
         *significance(pure, _mixed_pairs(methods)),
         "",
         "Goals (issue 17):",
-        *mixed_goals(pure, mixed),
+        *[g for m in ("token adaptive k3", "token adaptive k2") for g in mixed_goals(pure, mixed, m)],
+        "",
+        *off_specialist(pure, mixed, [s["name"] for s in assets["sources"]]),
     ]
+    if assets.get("describe"):
+        lines[2:2] = ["Sources (the fast machine-text world, `benchmarks/machine_world.py`):", "", *assets["describe"],
+                      ""]
     if mixed["shares"]:
         names = [s["name"] for s in assets["sources"]]
         lines += ["", "Mean fusion weight per source on the tokens of each domain inside mixed blocks (seed mean):", "",
@@ -869,6 +880,26 @@ def render_mixed(pure, mixed, methods, regime, assets, wall, runs, fast, command
             for d, row in per_domain.items():
                 lines.append(f"| {m} | {d} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |")
     return "\n".join(lines)
+
+
+def off_specialist(pure: dict[str, Any], mixed: dict[str, Any], names: list[str]) -> list[str]:
+    """Per method: the fusion weight not on the tokens' own domain specialist, and the largest weight on any single
+    other source (the 'second source'), averaged over domains (seed means)."""
+    lines = ["Weight off the tokens' own specialist (mean over domains; `largest other`: the largest mean weight on "
+             "one other source, e.g. an off-domain second source):", "",
+             "| method | pure: off own specialist | pure: largest other | mixed: off own specialist | "
+             "mixed: largest other |", "|---|---|---|---|---|"]
+    for m in pure["shares"]:
+        if m.startswith("oracle") or m not in mixed["shares"]:
+            continue
+        cells = []
+        for agg in (pure, mixed):
+            per_domain = {d: row for d, row in agg["shares"][m].items() if d in names}
+            off = statistics.fmean(1 - row[d] for d, row in per_domain.items())
+            other = statistics.fmean(max(v for n, v in row.items() if n != d) for d, row in per_domain.items())
+            cells += [f"{off:.2f}", f"{other:.2f}"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_mixed(pure: dict[str, Any], mixed: dict[str, Any], methods: list[str], path: Path) -> None:

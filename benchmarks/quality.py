@@ -110,6 +110,8 @@ MIXED_EXTRA: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
     "adaptive k3 b0": ({"strategy": "adaptive", "top_k": 3}, {"beta": 0.0}),
     "adaptive k2 b0 (rel 0.5)": ({"strategy": "adaptive", "top_k": 2, "relative_threshold": 0.5}, {"beta": 0.0}),
     "adaptive (library defaults)": ({"strategy": "adaptive", "library_defaults": True}, None),
+    "oracle (library defaults)": ({"strategy": "uniform", "oracle": True, "library_defaults": True}, None),
+    "min_ce (library defaults)": ({"strategy": "min_ce", "library_defaults": True}, None),
     "token adaptive k3 (rel 0.5)": ({"strategy": "adaptive", "top_k": 3, "selection": "token", "token_features": "both",
                                      "relative_threshold": 0.5}, {"beta": 0.0}),
     "token avg_ce": ({"strategy": "avg_ce", "selection": "token"}, None),

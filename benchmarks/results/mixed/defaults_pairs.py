@@ -1,6 +1,12 @@
-import json, sys, statistics
-sys.path.insert(0, '/work/wt/token/benchmarks')
+"""Paired differences of the `(library defaults)` rows of a --mixed runs-*.json (README: defaults benchmarked)."""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/
 import quality as q
+
 d = json.load(open(sys.argv[1]))
 runs = d['runs']
 names = ['python','licenses','changelog','weak','weak_s1','general','c_headers','manpages']

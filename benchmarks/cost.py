@@ -11,6 +11,9 @@ steps (forward, backward, AdamW) of a FusionModule on random tokens:
 - online:  all N sources run, adaptive selection after the sources (routing: after_sources);
 - routed:  the selector decides from the target's hidden states, only the K kept sources run (before_sources);
 - offline: the sources' top-k outputs come from the batch (as from the precomputed cache), no source in memory.
+``--token``: instead, per-sequence adaptive (``online``, ``offline``) against ``selection: token`` at the same K
+(``online_token``, ``offline_token``: the per-sequence selector keeps K sources per row, the per-token gate on the
+target's hidden state and the sources' signals mixes them at every position); goal: token <= 1.2x sequence.
 On a shared machine one run of a configuration says little: the configurations run interleaved, ``--rounds``
 times, each round in a rotated order; a row reports the median over rounds of the per-step median, the minimum,
 and the spread ``(max - min) / median``. Ratios are ratios of medians.
@@ -77,6 +80,9 @@ def _measure(root: Path, mode: str, n: int, steps: int, batch: int, block: int) 
     k = min(2, n)
     sources = [SourceSpec(f"s{i}", str(root / f"s{i}"), load_in_8bit=False) for i in range(n)]
     kwargs = dict(strategy="adaptive", top_k=k, selector_features="hidden")
+    if mode.endswith("_token"):
+        mode = mode.removesuffix("_token")
+        kwargs.update(selection="token", token_features="both")
     if mode == "clm":
         module = FusionModule(str(root / "target"), [], strategy="clm")
     elif mode == "routed":
@@ -179,7 +185,8 @@ def _child(root: Path, args: list[str], tree: str | None = None) -> dict:
 def _speed(args: argparse.Namespace, root: Path) -> None:
     _build(root, max(args.sources))
     common = ["--steps", str(args.steps), "--batch", str(args.batch), "--block", str(args.block)]
-    configs = [("clm", 0)] + [(mode, n) for n in args.sources for mode in ("floor", "online", "routed", "offline")]
+    modes = ("online", "online_token", "offline", "offline_token") if args.token else ("floor", "online", "routed", "offline")
+    configs = [("clm", 0)] + [(mode, n) for n in args.sources for mode in modes]
     times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     peaks: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     for r in range(args.rounds):
@@ -192,15 +199,21 @@ def _speed(args: argparse.Namespace, root: Path) -> None:
     print(f"target {HIDDEN}x{LAYERS}, sources {SOURCE_HIDDEN}x{SOURCE_LAYERS}, vocab {VOCAB}, batch {args.batch} x "
           f"{args.block} tokens, K = min(2, N), {args.steps} timed steps per process, {args.rounds} interleaved rounds")
     clm = med[("clm", 0)]
-    print(f"{'N':>3} {'mode':<8} {'median ms':>10} {'min ms':>7} {'spread':>7} {'x CLM':>6} {'x floor':>8} {'peak MB':>8}")
+    print(f"{'N':>3} {'mode':<13} {'median ms':>10} {'min ms':>7} {'spread':>7} {'x CLM':>6} {'x floor':>8} {'peak MB':>8}")
     routed = {}
     for (mode, n), m in med.items():
         floor = med.get(("floor", n), m)
         spread = (max(times[(mode, n)]) - min(times[(mode, n)])) / m
-        print(f"{n:>3} {mode:<8} {m * 1000:>10.0f} {min(times[(mode, n)]) * 1000:>7.0f} {spread:>6.0%} "
+        print(f"{n:>3} {mode:<13} {m * 1000:>10.0f} {min(times[(mode, n)]) * 1000:>7.0f} {spread:>6.0%} "
               f"{m / clm:>6.2f} {m / floor:>8.2f} {statistics.median(peaks[(mode, n)]):>8.0f}")
         if mode == "routed":
             routed[n] = m
+    for (mode, n), m in med.items():
+        if mode.endswith("_token"):
+            base = mode.removesuffix("_token")
+            ratios = sorted(a / b for a, b in zip(times[(mode, n)], times[(base, n)]))  # per round (interleaved)
+            print(f"N={n} K={min(2, n)} {mode} / {base}: {m / med[(base, n)]:.2f} (per-round ratios "
+                  f"{', '.join(f'{r:.2f}' for r in ratios)}; goal <= 1.2)")
     if 2 in routed and 8 in routed:
         print(f"routed N=8 / routed N=2 step time: {routed[8] / routed[2]:.2f} (goal <= 1.3)")
 
@@ -236,6 +249,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument("--memory", action="store_true", help="the peak-memory table instead of the speed table")
+    parser.add_argument("--token", action="store_true", help="selection: token vs sequence at the same K")
     parser.add_argument("--vocab", type=int, default=128_000)
     parser.add_argument("--memory_batches", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--before_tree", default=None, help="another lightning_fuse checkout to measure against")

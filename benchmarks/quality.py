@@ -49,7 +49,6 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # mixed_blocks (also for precompute's class_path)
-DOMAIN_SPECIALISTS = ("python", "licenses", "changelog")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -108,6 +107,13 @@ MIXED_METHODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
     "oracle": METHODS["oracle"],
 }
 MIXED_EXTRA: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
+    "adaptive k3 b0": ({"strategy": "adaptive", "top_k": 3}, {"beta": 0.0}),
+    "adaptive k2 b0 (rel 0.5)": ({"strategy": "adaptive", "top_k": 2, "relative_threshold": 0.5}, {"beta": 0.0}),
+    "adaptive (library defaults)": ({"strategy": "adaptive", "library_defaults": True}, None),
+    "oracle (library defaults)": ({"strategy": "uniform", "oracle": True, "library_defaults": True}, None),
+    "min_ce (library defaults)": ({"strategy": "min_ce", "library_defaults": True}, None),
+    "token adaptive k3 (rel 0.5)": ({"strategy": "adaptive", "top_k": 3, "selection": "token", "token_features": "both",
+                                     "relative_threshold": 0.5}, {"beta": 0.0}),
     "token avg_ce": ({"strategy": "avg_ce", "selection": "token"}, None),
     "token min_ce (window 5)": ({"strategy": "min_ce", "selection": "token", "token_window": 5}, None),
     "token adaptive k2": ({"strategy": "adaptive", "top_k": 2, "selection": "token", "token_features": "both"},
@@ -200,6 +206,26 @@ def prepare(fast: bool, regime: Regime) -> dict[str, Any]:
         _build_extra_source(name, root, bench_root / "sources", settings)
     sources = [{"name": n, "path": str(root / "sources" / n)} for n in settings.source_names]
     sources += [{"name": n, "path": str(bench_root / "sources" / n)} for n in EXTRA_SOURCES]
+    return cache_sources(root, bench_root, sources, regime, "FAST_BUILD" if fast else "default", t0)
+
+
+def prepare_machine(fast: bool, regime: Regime) -> dict[str, Any]:
+    """The second world (``benchmarks/machine_world.py``): its assets and the offline cache of its 6 sources."""
+    import machine_world
+
+    t0 = time.perf_counter()
+    root, sources = machine_world.build(fast)
+    bench_root = root / "extra"
+    assets = cache_sources(root, bench_root, sources, regime, ("FAST_BUILD" if fast else "default") + " machine world",
+                           t0)
+    return {**assets, "describe": machine_world.describe(sources)}
+
+
+def cache_sources(root: Path, bench_root: Path, sources: list[dict[str, str]], regime: Regime, label: str,
+                  t0: float) -> dict[str, Any]:
+    """Run every source once over the corpus's blocks into an offline cache (what is missing); return the paths."""
+    from lightning_fuse import demo
+
     data = {"data_dir": str(root / "corpus"), "block_size": regime.block_size, "batch_size": regime.batch_size,
             "max_blocks_per_domain": regime.max_blocks_per_domain}
     cache_dir = bench_root / f"cache-{regime.block_size}-{regime.max_blocks_per_domain}-{regime.distill_top_k}"
@@ -231,7 +257,7 @@ def prepare(fast: bool, regime: Regime) -> dict[str, Any]:
         meta = json.loads((Path(s["path"]) / demo.META_FILE).read_text())
         matrix[s["name"]] = meta["val_loss"]
     return {"root": str(root), "bench_root": str(bench_root), "sources": sources, "data": data,
-            "cache_dir": str(cache_dir), "demo": "FAST_BUILD" if fast else "default", "prepare_s": time.perf_counter() - t0,
+            "cache_dir": str(cache_dir), "demo": label, "prepare_s": time.perf_counter() - t0,
             "build_loss_matrix": matrix}
 
 
@@ -253,15 +279,19 @@ def _module_class():
         domain is distilled from its right specialist only: one run stands for the D per-domain oracles.
         """
 
-        def __init__(self, init_seed: int = 0, oracle: bool = False, **kwargs: Any) -> None:
+        def __init__(self, init_seed: int = 0, oracle: bool = False, library_defaults: bool = False,
+                     **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.init_seed = init_seed
             self.oracle = oracle
+            self.library_defaults = library_defaults  # FusionModule's own schedule (constant) and no clipping
 
         def configure_optimizers(self) -> Any:
             """AdamW as FusionModule's, with linear warm-up then cosine decay to 10% (as the demo's sources): the
             final loss is read at a small learning rate, which makes it less noisy than at a constant one."""
             config = super().configure_optimizers()
+            if self.library_defaults:
+                return config
             warmup, total = max(1, self.hparams.warmup_steps), max(2, self.trainer.max_steps)
 
             def factor(step: int) -> float:
@@ -274,6 +304,8 @@ def _module_class():
 
         def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
             """Clip the target's gradient norm to 1 (not the selector's: every method's target steps alike)."""
+            if self.library_defaults:
+                return
             torch.nn.utils.clip_grad_norm_(self.target.parameters(), 1.0)
 
         def build_target(self) -> torch.nn.Module:
@@ -330,10 +362,12 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     r: Regime = Regime(**job["regime"])
     module_kwargs, feedback = job["module"], job["feedback"]
     pl.seed_everything(job["seed"], verbose=False)
+    bench = {"selector_features": "rewards", "selector_learning_rate": r.selector_learning_rate}
+    if module_kwargs.get("library_defaults"):  # FusionModule's defaults for everything the user did not set
+        bench = {}
     module = _module_class()(
         init_seed=job["seed"], target=str(Path(job["root"]) / "target"), sources=job["sources"], offline=True,
-        **{"selector_features": "rewards", "clm_weight": r.clm_weight, "learning_rate": r.learning_rate,
-           "selector_learning_rate": r.selector_learning_rate, "warmup_steps": r.warmup_steps,
+        **{**bench, "clm_weight": r.clm_weight, "learning_rate": r.learning_rate, "warmup_steps": r.warmup_steps,
            "distill_top_k": r.distill_top_k, **module_kwargs},
     )
     if "mixed_val_blocks" in job["data"]:
@@ -581,6 +615,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="use the FAST_BUILD demo assets (weaker specialists, built in minutes) with the full regime")
     parser.add_argument("--mixed", action="store_true",
                         help="per-token fusion benchmark: mixed-domain blocks plus pure blocks (quality_mixed.md)")
+    parser.add_argument("--world", choices=("demo", "machine"), default="demo",
+                        help="demo: the demo's 3 domains, N = 8; machine: benchmarks/machine_world.py (4 other "
+                             "machine-text domains, N = 6)")
+    parser.add_argument("--add_to", type=Path, default=None,
+                        help="a runs-*.json of an earlier run with the same regime and world: only the (method, seed) "
+                             "fits it lacks run, the table covers both")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for quality.md / quality.png (default benchmarks/results; --fast: a temp folder)")
     args = parser.parse_args(argv)
@@ -606,12 +646,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
     methods = [m for m in ALL_METHODS if m in methods]
 
-    assets = prepare(args.fast or args.fast_assets, regime)
+    assets = (prepare_machine if args.world == "machine" else prepare)(args.fast or args.fast_assets, regime)
+    earlier: list[dict[str, Any]] = []
+    if args.add_to is not None:
+        saved = json.loads(args.add_to.read_text())
+        if saved["regime"] != json.loads(json.dumps(dataclasses.asdict(regime))):
+            parser.error(f"--add_to {args.add_to}: its regime {saved['regime']} is not this run's")
+        methods = [m for m in ALL_METHODS if m in methods or any(r["method"] == m for r in saved["runs"])]
+        earlier = [r for r in saved["runs"] if r["method"] in methods]
     print(f"assets ready in {assets['prepare_s']:.0f}s ({assets['demo']} demo build at {assets['root']}; "
           f"extra sources in {assets['bench_root']})", flush=True)
     jobs = []
+    done = {(r["method"], r["seed"]) for r in earlier}
     for seed in regime.seeds:
         for m in methods:
+            if (m, seed) in done:
+                continue
             module, feedback = ALL_METHODS[m]
             jobs.append({"method": m, "seed": seed, "module": module, "feedback": feedback,
                          "regime": dataclasses.asdict(regime), "root": assets["root"], "sources": assets["sources"],
@@ -625,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  [{len(runs):>2}/{len(jobs)}] {r['method']:<18} seed {r['seed']}  {r['seconds']:5.0f}s  "
                   f"val loss {statistics.fmean(v for k, v in r['results'].items() if k.endswith('/target_ce')):.3f}",
                   flush=True)
+    runs = earlier + runs
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (Path(assets["bench_root"]) / f"runs-{stamp}.json").write_text(json.dumps({"regime": dataclasses.asdict(regime),
                                                                              "runs": runs}, indent=1))
@@ -738,14 +789,20 @@ def render(agg, methods, regime, assets, wall, runs, fast, command) -> str:
 def _mixed_pairs(methods: list[str]) -> list[tuple[str, str]]:
     pairs = [(m, ref) for m in methods if m.startswith("token") for ref in ("min_ce", "adaptive k2 b0")]
     pairs += [("token adaptive k3", "token min_ce"), ("token adaptive k3 (routed)", "token adaptive k3"),
-              ("adaptive k2 b0", "min_ce"), ("avg_ce", "min_ce")]
+              ("adaptive k2 b0", "min_ce"), ("avg_ce", "min_ce"), ("adaptive k3 b0", "min_ce"),
+              ("token adaptive k3", "adaptive k3 b0"), ("token adaptive k2", "token min_ce"),
+              ("adaptive k2 b0 (rel 0.5)", "min_ce"), ("adaptive k2 b0 (rel 0.5)", "adaptive k2 b0"),
+              ("token adaptive k3 (rel 0.5)", "token adaptive k3"), ("adaptive (library defaults)", "min_ce"),
+              ("adaptive (library defaults)", "adaptive k2 b0")]
     return [(a, b) for a, b in pairs if a in methods and b in methods]
 
 
 def mixed_goals(pure: dict[str, Any], mixed: dict[str, Any], method: str = "token adaptive k3") -> list[str]:
-    """Issue 17's goals, on the seed means and the paired seed spread."""
+    """Issue 17's goals, on the seed means and the paired seed spread; pure blocks against per-sequence adaptive at
+    the same K."""
     out = []
     rp, rm = pure["rows"], mixed["rows"]
+    same_k = method.replace("token adaptive", "adaptive") + " b0"
     if not rm.get(method, {}).get("n") or not rm.get("min_ce", {}).get("n"):
         return out
     a, b = rm[method]["interference"][0], rm["min_ce"]["interference"][0]
@@ -757,13 +814,13 @@ def mixed_goals(pure: dict[str, Any], mixed: dict[str, Any], method: str = "toke
     out.append(f"- mixed blocks: `{method}` interference {a:+.3f} vs per-sequence min_ce {b:+.3f}: {red:.0f}% lower "
                f"(goal >= 50%), paired difference {mean:+.3f} ± {spread:.3f} (goal beyond 2x): "
                f"{'met' if ok else 'NOT met'}")
-    if rp.get(method, {}).get("n") and rp.get("adaptive k2 b0", {}).get("n"):
-        common = sorted(set(pure["per_seed"][method]) & set(pure["per_seed"]["adaptive k2 b0"]))
-        diffs = [pure["per_seed"][method][s]["interference"] - pure["per_seed"]["adaptive k2 b0"][s]["interference"]
+    if rp.get(method, {}).get("n") and rp.get(same_k, {}).get("n"):
+        common = sorted(set(pure["per_seed"][method]) & set(pure["per_seed"][same_k]))
+        diffs = [pure["per_seed"][method][s]["interference"] - pure["per_seed"][same_k][s]["interference"]
                  for s in common]
         mean, spread = _mean_std(diffs)
         ok = mean <= 2 * spread
-        out.append(f"- pure blocks: `{method}` vs per-sequence `adaptive k2 b0`: paired difference of interference "
+        out.append(f"- pure blocks: `{method}` vs per-sequence `{same_k}` (same K): paired difference of interference "
                    f"{mean:+.3f} ± {spread:.3f} (goal: no worse beyond 2x the spread): {'met' if ok else 'NOT met'}")
     return out
 
@@ -811,8 +868,13 @@ def render_mixed(pure, mixed, methods, regime, assets, wall, runs, fast, command
         *significance(pure, _mixed_pairs(methods)),
         "",
         "Goals (issue 17):",
-        *mixed_goals(pure, mixed),
+        *[g for m in ("token adaptive k3", "token adaptive k2") for g in mixed_goals(pure, mixed, m)],
+        "",
+        *off_specialist(pure, mixed, [s["name"] for s in assets["sources"]]),
     ]
+    if assets.get("describe"):
+        lines[2:2] = ["Sources (the fast machine-text world, `benchmarks/machine_world.py`):", "", *assets["describe"],
+                      ""]
     if mixed["shares"]:
         names = [s["name"] for s in assets["sources"]]
         lines += ["", "Mean fusion weight per source on the tokens of each domain inside mixed blocks (seed mean):", "",
@@ -821,6 +883,26 @@ def render_mixed(pure, mixed, methods, regime, assets, wall, runs, fast, command
             for d, row in per_domain.items():
                 lines.append(f"| {m} | {d} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |")
     return "\n".join(lines)
+
+
+def off_specialist(pure: dict[str, Any], mixed: dict[str, Any], names: list[str]) -> list[str]:
+    """Per method: the fusion weight not on the tokens' own domain specialist, and the largest weight on any single
+    other source (the 'second source'), averaged over domains (seed means)."""
+    lines = ["Weight off the tokens' own specialist (mean over domains; `largest other`: the largest mean weight on "
+             "one other source, e.g. an off-domain second source):", "",
+             "| method | pure: off own specialist | pure: largest other | mixed: off own specialist | "
+             "mixed: largest other |", "|---|---|---|---|---|"]
+    for m in pure["shares"]:
+        if m.startswith("oracle") or m not in mixed["shares"]:
+            continue
+        cells = []
+        for agg in (pure, mixed):
+            per_domain = {d: row for d, row in agg["shares"][m].items() if d in names}
+            off = statistics.fmean(1 - row[d] for d, row in per_domain.items())
+            other = statistics.fmean(max(v for n, v in row.items() if n != d) for d, row in per_domain.items())
+            cells += [f"{off:.2f}", f"{other:.2f}"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_mixed(pure: dict[str, Any], mixed: dict[str, Any], methods: list[str], path: Path) -> None:

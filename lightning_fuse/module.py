@@ -77,6 +77,8 @@ class FusionModule(pl.LightningModule):
             distillation).
         top_k: sources kept per sequence by the adaptive selector.
         threshold: keep the sources whose gate is >= threshold instead of the top-K (in (0, 1]).
+        relative_threshold: drop a kept source whose gate is below this share of the row's best gate (in (0, 1];
+            None = off): a source much worse than the best never gets a large weight (``Selector``).
         selector_features: what the selector sees: ``rewards`` (exp(-CE) of every source), ``hidden`` (pooled
             target hidden state) or ``both``.
         selector_width: hidden width of the selector MLP.
@@ -126,9 +128,8 @@ class FusionModule(pl.LightningModule):
         token_window: token-level MinCE: average the gold log-probs over a centred window of this many positions
             before taking the argmax (1 = none).
         gradient_checkpointing: recompute the target's decoder layers in the backward pass instead of keeping their
-            activations (the HF model's own switch, ``activation_checkpointing_enable`` / ``gradient_checkpointing_enable``,
-            non-reentrant): less memory, about
-            one more forward pass of compute; losses and gradients are unchanged.
+            activations (the HF model's own switch, non-reentrant): less memory, about one more forward pass of
+            compute; losses and gradients are unchanged.
     """
 
     def __init__(
@@ -139,6 +140,7 @@ class FusionModule(pl.LightningModule):
         strategy: Strategy = "adaptive",
         top_k: int = 1,
         threshold: float | None = None,
+        relative_threshold: float | None = None,
         selector_features: SelectorFeatures = "both",
         selector_width: int = 64,
         selector_prior: bool = True,
@@ -243,7 +245,7 @@ class FusionModule(pl.LightningModule):
         h = self.hparams
         hidden = getattr(self.target_config, "hidden_size", None) or self.target.get_input_embeddings().embedding_dim
         return Selector(len(self.source_specs), hidden, h.selector_features, h.selector_width, h.top_k, h.threshold,
-                        prior=h.selector_prior)
+                        prior=h.selector_prior, relative_threshold=h.get("relative_threshold"))
 
     @property
     def per_token(self) -> bool:
@@ -273,9 +275,7 @@ class FusionModule(pl.LightningModule):
         return sources
 
     def _load_device(self) -> torch.device:
-        if self._trainer is not None:
-            return self.trainer.strategy.root_device
-        return self.device
+        return self.trainer.strategy.root_device if self._trainer is not None else self.device
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume with this module's settings (the user's config), refusing those that cannot change.

@@ -56,6 +56,9 @@ class Selector(nn.Module):
         threshold: if set, keep every source with ``gate >= threshold`` (in (0, 1]) instead of the top-K.
         prior: add the CE prior ``s * (mean CE - CE_k)`` to the logits and start the MLP's output at zero (see the
             module docstring). Needs rewards (``features`` rewards or both); ignored for ``hidden``.
+        relative_threshold: if set (in (0, 1]), a source kept by the top-K / threshold is dropped when its gate is
+            below ``relative_threshold`` x the row's largest gate, so that a source much worse than the best one
+            never gets a large weight (with the CE prior, 0.5 drops a source ~0.7 nats per token worse at step 0).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class Selector(nn.Module):
         top_k: int = 2,
         threshold: float | None = None,
         prior: bool = True,
+        relative_threshold: float | None = None,
     ) -> None:
         super().__init__()
         if num_sources < 1:
@@ -78,12 +82,15 @@ class Selector(nn.Module):
             )
         if threshold is not None and not 0.0 < threshold <= 1.0:
             raise ValueError(f"`--model.threshold` must be in (0, 1], got {threshold}.")
+        if relative_threshold is not None and not 0.0 < relative_threshold <= 1.0:
+            raise ValueError(f"`--model.relative_threshold` must be in (0, 1] (or null: off), got {relative_threshold}.")
         if features not in ("rewards", "hidden", "both"):
             raise ValueError(f"`--model.selector_features` can be rewards, hidden, both, got {features!r}.")
         self.num_sources = num_sources
         self.features = features
         self.top_k = top_k
         self.threshold = threshold
+        self.relative_threshold = relative_threshold
         in_dim = (2 * num_sources if features != "hidden" else 0) + (hidden_size if features != "rewards" else 0)
         self.hidden_norm = nn.LayerNorm(hidden_size) if features != "rewards" else None
         self.mlp = nn.Sequential(nn.Linear(in_dim, width), nn.GELU(), nn.Linear(width, num_sources))
@@ -121,6 +128,8 @@ class Selector(nn.Module):
             mask |= gate >= self.threshold
         else:
             mask.scatter_(-1, gate.topk(self.top_k, dim=-1).indices, True)
+        if self.relative_threshold is not None:  # the argmax always passes (its ratio is 1)
+            mask &= gate >= self.relative_threshold * gate.amax(-1, keepdim=True)
         kept = gate * mask
         return Selection(gate, mask, kept / kept.sum(-1, keepdim=True))
 

@@ -35,6 +35,25 @@ def test_config_parses_against_signatures(config):
     assert len(init["sources"]) >= 1 if "sources" in init else len(init["specialists"]) >= 1
 
 
+def test_benchmark_settings_are_reachable_from_the_cli_config():
+    """The settings README's benchmarks use (benchmarks/quality.py) parse from a config / the command line."""
+    parser = LightningArgumentParser()
+    parser.add_lightning_class_args(Trainer, "trainer")
+    parser.add_lightning_class_args(FusionModule, "model", subclass_mode=True)
+    parser.add_argument("--config", action=ActionConfigFile)
+    cfg = parser.parse_args([
+        "--model.class_path", "lightning_fuse.FusionModule", "--model.init_args.target", "demo://target",
+        "--trainer.gradient_clip_val", "1.0",
+        "--model.init_args.lr_schedule", "cosine", "--model.init_args.lr_floor", "0.1",
+        "--model.init_args.selector_features", "rewards", "--model.init_args.top_k", "2",
+        "--model.init_args.relative_threshold", "0.5", "--model.init_args.selection", "token",
+    ])
+    init = cfg["model"]["init_args"]
+    assert (init["lr_schedule"], init["lr_floor"], init["relative_threshold"]) == ("cosine", 0.1, 0.5)
+    assert (init["selector_features"], init["top_k"], init["selection"]) == ("rewards", 2, "token")
+    assert cfg["trainer"]["gradient_clip_val"] == 1.0
+
+
 def _tiny_args(world, tmp_path, *extra):
     sources = [{"name": n, "path": world[n]} for n in ("words", "sums")]
     return [

@@ -91,3 +91,31 @@ def test_alignment_runs_in_the_dataloader_and_matches_the_step(tiny_world, other
     assert seen == [0, 1]
     trainer.validate(module, dm, verbose=False)  # validation batches carry the alignment too
     assert set(module.eval_results) >= {"align/rate/other", "align/mass_exact/other", "align/mass_dropped/other"}
+
+
+@pytest.mark.parametrize("strategy", ["adaptive", "min_ce"])
+def test_token_selection_with_a_cross_tokenizer_source(tiny_world, other_source, strategy):
+    """``selection: token`` with a source of another tokenizer: at its unaligned positions the one-hot fallback on the
+    gold token is what it teaches, with that position's token weight; the per-token gate trains everywhere."""
+    from lightning_fuse.fusion import gold_next_tokens, next_token_mask
+
+    module = FusionModule(target=tiny_world["target"], selection="token", strategy=strategy, top_k=2,
+                          sources=[SourceSpec("words", tiny_world["words"]), SourceSpec("other", other_source)],
+                          alignment_cache_dir=None)
+    module.configure_model()
+    batch = next(iter(_loader(tiny_world, module)))
+    r = module._step(batch, "train")
+    mask, gold = next_token_mask(batch["labels"]), gold_next_tokens(batch["labels"])
+    weights = r["selection"].token_weights
+    assert torch.allclose(weights[mask].sum(-1), torch.ones(int(mask.sum())))
+    other = r["outputs"][1].dist
+    one_hot = (other.ids[..., 0] == gold) & (other.logprobs[..., 0] == 0) & (other.ids[..., 1:] < 0).all(-1) & mask
+    assert 0 < int(one_hot.sum()) < int(mask.sum())  # some positions fall back, others align 1:1
+    assert (weights[..., 1][one_hot] > 0).any()  # the fallback source still teaches some of them
+    teacher = module.fuse_distributions(r["outputs"], weights)
+    p_gold = (teacher.probs * (teacher.ids == gold.unsqueeze(-1))).sum(-1)
+    assert (p_gold[one_hot] >= weights[..., 1][one_hot] - 1e-5).all()  # its one-hot mass lands on the gold token
+    if strategy == "adaptive":
+        r["loss"].backward()
+        grad = module.token_gate.mlp[-1].weight.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0

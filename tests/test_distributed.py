@@ -44,11 +44,18 @@ def _check_state(state: dict) -> None:
     assert not any(k.startswith("sources") for k in state)
 
 
+# DDP runs per-token selection (its gate's gradients are all-reduced too), FSDP per-sequence: one subprocess each
+TOKEN = ("--model.init_args.selection", "token", "--model.init_args.top_k", "2")
+
+
 def test_two_process_ddp_fit_on_cpu(tiny_world, tmp_path):
-    proc = _run(tiny_world, tmp_path, "ddp.yaml", tiny_world["target"])
+    proc = _run(tiny_world, tmp_path, "ddp.yaml", tiny_world["target"], TOKEN)
     ckpts = sorted(tmp_path.rglob("last.ckpt"))
     assert ckpts, proc.stderr[-2000:]
-    _check_state(torch.load(ckpts[0], map_location="cpu", weights_only=False)["state_dict"])
+    state = torch.load(ckpts[0], map_location="cpu", weights_only=False)["state_dict"]
+    _check_state(state)
+    # the per-token gate trained: its output layer starts at zero (the gold log-prob prior)
+    assert state["token_gate.mlp.2.weight"].abs().sum() > 0
 
 
 def test_two_process_fsdp_fit_loads_sharded_and_exports_dcp(tiny_world, tmp_path):

@@ -64,3 +64,18 @@ def test_prior_selector_learns_to_override_a_misleading_prior():
         opt.step()
     _, rewards = _ce_and_rewards(batch, n, seed=1)
     assert before < 0.5 and picks_best(rewards) > 0.95, (before, picks_best(rewards))
+
+
+def test_relative_threshold_drops_a_kept_source_much_worse_than_the_best():
+    """Top-2 keeps a second source even when it is far worse; the relative threshold drops it (issue 17)."""
+    ce = torch.tensor([[2.0, 2.2, 6.0], [2.0, 4.0, 6.0]])  # row 0: a close runner-up; row 1: 2 nats worse
+    plain = Selector(3, 8, "rewards", top_k=2)
+    guarded = Selector(3, 8, "rewards", top_k=2, relative_threshold=0.5)
+    rewards = torch.exp(-ce)
+    before, after = plain.select(plain(rewards)), guarded.select(guarded(rewards))
+    assert before.mask.tolist() == [[True, True, False], [True, True, False]]
+    assert before.weights[1, 1] > 0.1  # the far-worse source gets a real weight without the guard
+    assert after.mask.tolist() == [[True, True, False], [True, False, False]]
+    assert after.weights[1].tolist() == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="relative_threshold"):
+        Selector(3, 8, "rewards", relative_threshold=1.5)

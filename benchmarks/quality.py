@@ -669,9 +669,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs.sort(key=lambda j: (j["module"]["strategy"] != "adaptive", j["seed"]))  # slowest first
     runs = []
     ctx = mp.get_context("spawn")
+    partial = Path(assets["bench_root"]) / f"runs-partial-{time.strftime('%Y%m%d-%H%M%S')}.json"
     with ctx.Pool(max(1, args.workers), maxtasksperchild=1) as pool:
         for r in pool.imap_unordered(run_one, jobs):
-            runs.append(r)
+            runs.append(r)  # every finished fit is kept: a stopped run resumes with --add_to <this file>
+            partial.write_text(json.dumps({"regime": dataclasses.asdict(regime), "runs": earlier + runs}, indent=1))
             print(f"  [{len(runs):>2}/{len(jobs)}] {r['method']:<18} seed {r['seed']}  {r['seconds']:5.0f}s  "
                   f"val loss {statistics.fmean(v for k, v in r['results'].items() if k.endswith('/target_ce')):.3f}",
                   flush=True)

@@ -1,4 +1,5 @@
-"""`lightning-fuse align-report`, run as a user would (a subprocess), on the tiny world's sources."""
+"""`lightning-fuse align-report` on the tiny world's sources: once as a user runs it (a subprocess), the config and
+error cases through the same ``main`` in this process (``cli``: no Python start and imports per command)."""
 
 import os
 import subprocess
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_in_process import cli
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +52,12 @@ def test_align_report_with_a_config(tiny_world, other_source, tmp_path):
     }
     path = tmp_path / "fit.yaml"
     path.write_text(yaml.safe_dump(config))
-    r = _run("--config", str(path), "--cache_dir", str(tmp_path / "maps"))
+    r = cli("align-report", "--config", str(path), "--cache_dir", str(tmp_path / "maps"))
     assert r.returncode == 0, r.stderr
     assert any(line.startswith("| other |") for line in r.stdout.splitlines())
 
 
 def test_align_report_needs_config_or_source():
-    r = _run("--target", "x")
+    r = cli("align-report", "--target", "x")
     assert r.returncode != 0
     assert "give either `--config FILE` or `--source PATH --target PATH --text FILE`" in r.stderr

@@ -1,4 +1,6 @@
-"""Reliability through the command line, as a user sees it: ``python -m lightning_fuse ...`` in a subprocess.
+"""Reliability through the command line, as a user sees it: ``python -m lightning_fuse ...`` in a subprocess where
+the process boundary is the point (tracebacks, a full or read-only disk, resuming in a new process, which modules a
+process imports), else :func:`lightning_fuse.cli.main` in this process with its output captured (``cli``).
 
 One-line errors (library errors, a full disk, a read-only or forbidden folder), exit codes, ``--ckpt_path last`` =
 the newest complete checkpoint, temporary files of killed writes removed, caches that heal, a checkpoint resumed
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_in_process import Result, cli
 
 ROOT = Path(__file__).parents[1]
 DEMO_YAML = str(ROOT / "configs" / "demo.yaml")
@@ -49,11 +52,11 @@ def fit_args(world: dict[str, str], root: Path, *extra: str, sources=("words", "
     ]
 
 
-def stderr_lines(proc: subprocess.CompletedProcess) -> list[str]:
+def stderr_lines(proc: subprocess.CompletedProcess | Result) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.strip()]
 
 
-def error_of(proc: subprocess.CompletedProcess) -> str:
+def error_of(proc: subprocess.CompletedProcess | Result) -> str:
     """The ``error:`` line(s) of a failed command, checking there is no traceback."""
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in stderr_lines(proc) if line.startswith("error: ")]
@@ -65,7 +68,7 @@ def ckpt_folder(root: Path, version: int = 0) -> Path:
     return root / "tb" / "tensorboard" / f"version_{version}" / "checkpoints"
 
 
-def restored_from(proc: subprocess.CompletedProcess) -> str | None:
+def restored_from(proc: subprocess.CompletedProcess | Result) -> str | None:
     for line in (proc.stdout + proc.stderr).splitlines():
         if line.startswith("Restored all states from the checkpoint at "):
             return line.removeprefix("Restored all states from the checkpoint at ").strip()
@@ -88,7 +91,7 @@ def run(tiny_world, tmp_path_factory):
 
 # ----------------------------------------------------------------------------------------------- one-line errors
 def test_bad_value_prints_one_line_and_exit_code_1(tiny_world, tmp_path):
-    proc = run_cli(*fit_args(tiny_world, tmp_path, "--model.init_args.threshold", "2"))
+    proc = cli(*fit_args(tiny_world, tmp_path, "--model.init_args.threshold", "2"))
     assert proc.returncode == 1
     assert len(stderr_lines(proc)) <= 3, proc.stderr  # was two chained tracebacks and a Namespace dump (70+ lines)
     assert error_of(proc) == "error: `--model.threshold` must be in (0, 1], got 2.0."
@@ -104,7 +107,7 @@ def test_verbose_shows_the_traceback(tiny_world, tmp_path):
 
 
 def test_usage_error_is_short_with_exit_code_2(tiny_world, tmp_path):
-    proc = run_cli(*fit_args(tiny_world, tmp_path, "--model.init_args.strategy", "mixture"))
+    proc = cli(*fit_args(tiny_world, tmp_path, "--model.init_args.strategy", "mixture"))
     assert proc.returncode == 2
     lines = stderr_lines(proc)
     assert len(lines) <= 3, proc.stderr  # was the whole usage (60 lines) and a union-of-subtypes dump
@@ -115,7 +118,7 @@ def test_forbidden_folder_prints_one_line(tiny_world):
     """/sys refuses new folders even to root (EPERM; EACCES/EROFS elsewhere): one line naming the folder."""
     if os.access("/sys", os.W_OK) and not Path("/sys/class").is_dir():
         pytest.skip("no /sys to write to")
-    proc = run_cli(*fit_args(tiny_world, Path("/sys/lightning_fuse_test")))
+    proc = cli(*fit_args(tiny_world, Path("/sys/lightning_fuse_test")))
     assert proc.returncode == 1
     line = error_of(proc)
     assert "/sys/lightning_fuse_test" in line and "--trainer.default_root_dir" in line, line
@@ -170,7 +173,7 @@ def test_read_only_folder_prints_one_line(tiny_world, tmp_path):
 
 
 def test_missing_checkpoint_prints_one_line(tmp_path):
-    proc = run_cli("export", "--ckpt", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "out"))
+    proc = cli("export", "--ckpt", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "out"))
     assert proc.returncode == 1 and "is not a file" in error_of(proc)
 
 
@@ -182,7 +185,7 @@ def test_last_resumes_a_newer_complete_checkpoint_than_last_ckpt(tiny_world, run
     shutil.copytree(run, root)
     folder = ckpt_folder(root)
     old_last = tmp_path / "last_at_2.ckpt"
-    first = run_cli(*fit_args(tiny_world, tmp_path / "two", "--trainer.max_steps", "2"))
+    first = cli(*fit_args(tiny_world, tmp_path / "two", "--trainer.max_steps", "2"))
     assert first.returncode == 0, first.stderr[-3000:]
     shutil.copy(ckpt_folder(tmp_path / "two") / "last.ckpt", old_last)
     step4 = next(p for p in folder.glob("step*.ckpt") if step_of(p) == 4)
@@ -202,7 +205,7 @@ def test_stale_temporary_files_are_removed_at_the_next_start(tiny_world, run, tm
     folder = ckpt_folder(root)
     stale = folder / ".last.ckpt.k1ll3d.tmp"
     stale.write_bytes((folder / "last.ckpt").read_bytes()[:100_000])
-    proc = run_cli(*fit_args(tiny_world, root, "--ckpt_path", "last", "--trainer.max_steps", "5"))
+    proc = cli(*fit_args(tiny_world, root, "--ckpt_path", "last", "--trainer.max_steps", "5"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not stale.exists()
     assert not list(root.rglob("*.tmp"))
@@ -245,15 +248,15 @@ def _cache_config(world: dict[str, str], path: Path, cache_dir: Path, sources: d
     return str(path)
 
 
-def _offline_fit(config: str, root: Path) -> subprocess.CompletedProcess:
-    return run_cli("fit", "--config", DEMO_YAML, "--config", config, "--trainer.max_steps", "2",
+def _offline_fit(config: str, root: Path) -> Result:
+    return cli("fit", "--config", DEMO_YAML, "--config", config, "--trainer.max_steps", "2",
                    "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
                    "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root / "tb"),
                    "--trainer.enable_progress_bar", "false")
 
 
-def _precompute(config: str, *extra: str) -> subprocess.CompletedProcess:
-    return run_cli("precompute", "--config", config, "--shard_size", "8", "--num_threads", "1", *extra)
+def _precompute(config: str, *extra: str) -> Result:
+    return cli("precompute", "--config", config, "--shard_size", "8", "--num_threads", "1", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +381,7 @@ def test_resume_obeys_the_users_config_and_appends_a_source(tiny_world, run, tmp
     source were dropped (rc 0)."""
     root = tmp_path / "run"
     shutil.copytree(run, root)
-    proc = run_cli(*fit_args(tiny_world, root, "--ckpt_path", "last", "--trainer.max_steps", "6",
+    proc = cli(*fit_args(tiny_world, root, "--ckpt_path", "last", "--trainer.max_steps", "6",
                              "--model.init_args.learning_rate", "0.001", sources=("words", "sums", "general")))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "selector grown from 2 to 3 sources (new: ['general'])" in proc.stderr
@@ -399,7 +402,7 @@ def test_resume_refuses_settings_that_cannot_change(tiny_world, run, tmp_path, c
         extra, sources = ["--model.init_args.target", tiny_world["weak"]], ("words", "sums")
     else:
         extra, sources = [], ("sums", "words")
-    proc = run_cli(*fit_args(tiny_world, root, "--ckpt_path", "last", "--trainer.max_steps", "6", *extra,
+    proc = cli(*fit_args(tiny_world, root, "--ckpt_path", "last", "--trainer.max_steps", "6", *extra,
                              sources=sources))
     assert proc.returncode == 1
     line = error_of(proc)
@@ -411,7 +414,7 @@ def test_resume_refuses_settings_that_cannot_change(tiny_world, run, tmp_path, c
 def test_learning_rate_must_be_positive(tiny_world, tmp_path):
     from lightning_fuse import FusionModule
 
-    proc = run_cli(*fit_args(tiny_world, tmp_path, "--model.init_args.learning_rate", "-0.001"))
+    proc = cli(*fit_args(tiny_world, tmp_path, "--model.init_args.learning_rate", "-0.001"))
     assert proc.returncode == 1  # was: trained with rc 0 (a negative rate makes the loss rise)
     assert error_of(proc) == "error: `--model.learning_rate` must be > 0, got -0.001 (a learning rate <= 0 does not train)."
     for lr, key in ((0.0, "learning_rate"), (float("nan"), "selector_learning_rate")):
@@ -438,7 +441,7 @@ def test_a_file_that_is_not_text_is_an_error_naming_it(tiny_world, tmp_path, whe
         bad = corpus / "junk" / "train.txt"
         bad.write_bytes(b"\0" * 20000)
         expect = f"{bad} holds NUL bytes (first at offset 0): it is binary, not text"
-    proc = run_cli(*fit_args(tiny_world, tmp_path / "run", "--data.init_args.data_dir", str(corpus)))
+    proc = cli(*fit_args(tiny_world, tmp_path / "run", "--data.init_args.data_dir", str(corpus)))
     assert proc.returncode == 1
     assert expect in error_of(proc)
 
@@ -454,7 +457,7 @@ def test_skip_batch_that_skips_every_batch_writes_no_checkpoint(tiny_world, tmp_
     tensors = {k: torch.full_like(v, float("nan")) if "embed" in k or "lm_head" in k else v for k, v in tensors.items()}
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     world = {**tiny_world, "broken": str(broken)}
-    proc = run_cli(*fit_args(world, tmp_path / "run", "--model.init_args.on_nonfinite", "skip_batch",
+    proc = cli(*fit_args(world, tmp_path / "run", "--model.init_args.on_nonfinite", "skip_batch",
                              sources=("broken", "sums")))
     assert proc.returncode == 1
     line = error_of(proc)
@@ -472,14 +475,14 @@ def test_a_run_prints_no_noise(run):
 
 
 def test_clm_with_sources_evaluates_them_without_distilling(tiny_world, tmp_path):
-    proc = run_cli(*fit_args(tiny_world, tmp_path, "--model.init_args.strategy", "clm"))
+    proc = cli(*fit_args(tiny_world, tmp_path, "--model.init_args.strategy", "clm"))
     assert proc.returncode == 0, proc.stderr[-3000:]  # was: ValueError in the sanity validation
     table = proc.stdout.split("last validation (step 4):", 1)[1]
     assert "words" in table.splitlines()[2] and "sums" in table.splitlines()[2], table
 
 
 def test_routed_table_labels_source_columns(tiny_world, tmp_path):
-    proc = run_cli(*fit_args(tiny_world, tmp_path, "--model.init_args.routing", "before_sources",
+    proc = cli(*fit_args(tiny_world, tmp_path, "--model.init_args.routing", "before_sources",
                              "--model.init_args.selector_features", "hidden"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout.split("last validation (step 4):", 1)[1]
@@ -488,7 +491,7 @@ def test_routed_table_labels_source_columns(tiny_world, tmp_path):
 
 
 def test_export_last_finds_the_newest_run_quietly(run, tmp_path):
-    proc = run_cli("export", "--ckpt", "last", "--runs_dir", str(run), "--out", str(tmp_path / "out"))
+    proc = cli("export", "--ckpt", "last", "--runs_dir", str(run), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"--ckpt last: {ckpt_folder(run) / 'last.ckpt'}" in proc.stderr
     assert "holds no weights" not in proc.stderr and "initialising" not in proc.stderr
@@ -501,7 +504,7 @@ def test_precompute_composes_configs_takes_num_threads_and_draws_no_bar_into_a_l
     base = _cache_config(tiny_world, tmp_path / "base.yaml", tmp_path / "cache", {"words": tiny_world["words"]})
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({"model": {"init_args": {"distill_top_k": 4}}}))
-    proc = run_cli("precompute", "--config", base, "--config", str(overlay), "--num_threads", "1")
+    proc = cli("precompute", "--config", base, "--config", str(overlay), "--num_threads", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]  # was: "Parser key "model": ... required: target"
     assert json.loads((tmp_path / "cache" / "train" / "manifest.json").read_text())["top_k"] == 4
     assert "\r" not in proc.stderr  # stderr is a pipe here: no progress-bar updates

@@ -40,7 +40,7 @@ def test_notebook_is_committed_without_outputs(name):
 
 def test_quickstart_then_selection_analysis(demo_assets, tmp_path):
     work = tmp_path / "quickstart"
-    nb = run_notebook("quickstart", tmp_path, WORK_DIR=str(work), DEMO_ROOT=str(demo_assets), MAX_STEPS=40, VAL_EVERY=20)
+    nb = run_notebook("quickstart", tmp_path, WORK_DIR=str(work), DEMO_ROOT=str(demo_assets), MAX_STEPS=10, VAL_EVERY=5)
     summary = json.loads((work / "quickstart.json").read_text())
     share = np.array(summary["share"])
     assert summary["domains"] == ["changelog", "licenses", "python"]
@@ -56,7 +56,7 @@ def test_quickstart_then_selection_analysis(demo_assets, tmp_path):
     nb = run_notebook("selection_analysis", tmp_path, RUN_DIR=summary["run_dir"], OUT_JSON=str(out))
     analysis = json.loads(out.read_text())
     assert analysis["run"] == summary["run_dir"]
-    assert len(analysis["steps"]) == 2 and analysis["sources"] == summary["sources"]  # validations at 20, 40
+    assert len(analysis["steps"]) == 2 and analysis["sources"] == summary["sources"]  # validations at 5, 10
     history = np.array(analysis["share_history"])
     assert history.shape == (2, 3, 4)
     np.testing.assert_allclose(history.sum(-1), 1.0, atol=1e-5)

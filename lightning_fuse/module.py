@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from lightning_fuse.alignment.aligner import AlignedBatch
+from lightning_fuse.arguments import validate_arguments, validate_routing, validate_schedule, validate_token
 from lightning_fuse.callbacks import SelectionFeedback
 from lightning_fuse.dense import distill_terms
+from lightning_fuse.domain_metrics import DomainMetrics
 from lightning_fuse.fusion import (
-    DISTILL_LOSSES,
-    STRATEGIES,
     DistillLoss,
     SourceOutput,
     SparseDist,
@@ -36,7 +34,8 @@ from lightning_fuse.fusion import (
     sequence_ce,
 )
 from lightning_fuse.logits import plain_lm_head
-from lightning_fuse.schedule import LR_SCHEDULES, LRSchedule, lr_factor
+from lightning_fuse.resume import restore
+from lightning_fuse.schedule import LRSchedule, lr_factor
 from lightning_fuse.selector import Selection, Selector, SelectorFeatures
 from lightning_fuse.sources import (
     DType,
@@ -45,12 +44,10 @@ from lightning_fuse.sources import (
     load_causal_lm,
     load_config,
     load_tokenizer,
-    resolve_path,
     tokenizer_fingerprint,
 )
 from lightning_fuse.student import StudentStats, chunked_argmax, student_stats
 from lightning_fuse.token_fusion import (
-    TOKEN_FEATURES,
     TokenFeatures,
     TokenGate,
     token_mixture_nll,
@@ -170,13 +167,11 @@ class FusionModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         specs = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in (sources or [])]
-        _validate(specs, strategy, top_k, threshold, clm_weight, distill_loss, temperature, distill_top_k, on_nonfinite,
+        validate_arguments(specs, strategy, top_k, threshold, clm_weight, distill_loss, temperature, distill_top_k, on_nonfinite,
                   target=target, tokenizer=tokenizer, learning_rates=(learning_rate, selector_learning_rate))
-        _validate_routing(routing, strategy, selector_features, explore, selector_warmup_steps)
-        _validate_token(selection, strategy, token_features, token_width, token_window)
-        if lr_schedule not in LR_SCHEDULES or not 0.0 <= lr_floor <= 1.0:
-            raise ValueError(f"`--model.lr_schedule` can be {', '.join(LR_SCHEDULES)} (got {lr_schedule!r}) and "
-                             f"`--model.lr_floor` must be in [0, 1] (got {lr_floor}).")
+        validate_routing(routing, strategy, selector_features, explore, selector_warmup_steps)
+        validate_token(selection, strategy, token_features, token_width, token_window)
+        validate_schedule(lr_schedule, lr_floor)
         self.save_hyperparameters(ignore=["sources"])
         self.hparams["sources"] = [asdict(s) for s in specs]  # plain dicts: checkpoints need no pickled classes
         self.source_specs = specs
@@ -278,92 +273,9 @@ class FusionModule(pl.LightningModule):
         return self.trainer.strategy.root_device if self._trainer is not None else self.device
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resume with this module's settings (the user's config), refusing those that cannot change.
-
-        The target, its tokenizer, the strategy and the selector's shape (features, width, prior) must be the
-        checkpoint's; the checkpoint's sources must come first, in the same order (name and path). Sources may be
-        appended: the selector grows, the old sources keep their learned scores, each new one starts neutral (the
-        mean of the old output rows), and the selector's optimizer state restarts (the target's is kept). Learning
-        rates come from this module's settings (the warm-up's progress is kept); every changed setting is logged.
-        """
-        saved = checkpoint.get("hyper_parameters") or {}
-        old_specs = [  # LightningCLI may have turned the saved dicts into Namespace(class_path, init_args)
-            dict(s if isinstance(s, dict) else (s.get("init_args") or s)) for s in saved.get("sources", [])
-        ]
-        old_names = [s["name"] for s in old_specs]
-        if saved:
-            self._check_resume(saved, old_specs)
-            self._resume_learning_rates(checkpoint, saved)
-        state = checkpoint.get("state_dict", {})
-        if "selector.mlp.2.weight" not in state or self.selector is None or old_names == self.source_names:
-            return
-        if self.token_gate is not None:
-            raise ValueError(
-                "sources cannot be added on resume with `--model.selection token` (the per-token gate has one output "
-                "per source): resume with the checkpoint's sources, or start a new fit without --ckpt_path."
-            )
-        h = self.hparams
-        old = Selector(len(old_names), self.target_config.hidden_size, h.selector_features, h.selector_width, 1,
-                       prior=h.selector_prior)
-        old.load_state_dict({k.removeprefix("selector."): v for k, v in state.items() if k.startswith("selector.")})
-        old.grow(len(self.source_names))
-        state.update({f"selector.{k}": v for k, v in old.state_dict().items()})
-        selector_ids = {id(p) for p in self.selector.parameters()}
-        params = [p for group in self._param_groups() for p in group["params"]]  # the optimizer's param order
-        for opt in checkpoint.get("optimizer_states", []):
-            for index, p in enumerate(params):
-                if id(p) in selector_ids:
-                    opt["state"].pop(index, None)
-        log.info("selector grown from %d to %d sources (new: %s)", len(old_names), len(self.source_names),
-                 self.source_names[len(old_names):])
-
-    _FIXED_ON_RESUME = ("target", "tokenizer", "strategy", "selector_features", "selector_width", "selector_prior",
-                        "selection", "token_features", "token_width")
-
-    def _check_resume(self, saved: dict[str, Any], old_specs: list[dict[str, Any]]) -> None:
-        """Refuse settings that cannot change on resume (naming each); log the ones that changed."""
-        h = self.hparams
-        problems = [
-            f"{key} {saved[key]!r} (now {h.get(key)!r})"
-            for key in self._FIXED_ON_RESUME
-            if key in saved and not _same_setting(saved[key], h.get(key))
-        ]
-        now = [(s.name, s.path) for s in self.source_specs]
-        before = [(s["name"], s["path"]) for s in old_specs]
-        if len(now) < len(before) or any(
-            a[0] != b[0] or not _same_setting(a[1], b[1]) for a, b in zip(now, before)
-        ):
-            problems.append(f"sources {[n for n, _ in before]} (now {[n for n, _ in now]}; paths must match too)")
-        if problems:
-            raise ValueError(
-                "the checkpoint cannot resume with this config: it was trained with " + "; ".join(problems) + ". "
-                "These cannot change on resume (to add sources, keep the old ones first and in the same order, "
-                "and append the new ones): use the checkpoint's values, or start a new fit without --ckpt_path."
-            )
-        changed = {k: (saved[k], v) for k, v in h.items() if k in saved and k != "sources" and saved[k] != v}
-        if len(now) != len(before):
-            changed["sources"] = ([n for n, _ in before], [n for n, _ in now])
-        if changed:
-            log.info("resuming with settings changed since the checkpoint: %s",
-                     ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-
-    def _resume_learning_rates(self, checkpoint: dict[str, Any], saved: dict[str, Any]) -> None:
-        """The checkpoint's optimizer and scheduler states carry the old learning rates: rescale them to this
-        module's, keeping the scheduler's progress (lr / base lr)."""
-        h = self.hparams
-        new = {"learning_rate": h.learning_rate, "selector_learning_rate": h.selector_learning_rate}
-        if all(saved.get(k, v) == v for k, v in new.items()):
-            return
-        bases = [h.learning_rate, h.selector_learning_rate]
-        for opt in checkpoint.get("optimizer_states", []):
-            for group, base in zip(opt.get("param_groups", []), bases):
-                old_base = group.get("initial_lr", group.get("lr"))
-                if old_base:
-                    group["lr"] = group["lr"] * base / old_base
-                group["initial_lr"] = base
-        for sched in checkpoint.get("lr_schedulers", []):
-            if "base_lrs" in sched:
-                sched["base_lrs"] = bases[: len(sched["base_lrs"])]
+        """Resume with this module's settings (the user's config), refusing those that cannot change; sources may
+        be appended (the selector grows). ``lightning_fuse.resume.restore``."""
+        restore(self, checkpoint)
 
     # ----------------------------------------------------------------------------------------------- steps
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
@@ -651,11 +563,7 @@ class FusionModule(pl.LightningModule):
         self._eval_start()
 
     def _eval_start(self) -> None:
-        names = ["target", *self.source_names]
-        keys = [f"{d}|{n}|{m}" for d in self._domains() for n in names for m in ("ce", "acc")]
-        keys += [f"{d}|{n}|{m}" for d in self._domains() for n in self.source_names for m in ("share", "routed")]
-        self.eval_metrics = nn.ModuleDict({k: MeanMetric() for k in keys}).to(self.device)
-        self.eval_loss = MeanMetric().to(self.device)
+        self.eval_metrics = DomainMetrics(self._domains(), self.source_names).to(self.device)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
@@ -665,26 +573,7 @@ class FusionModule(pl.LightningModule):
 
     @torch.no_grad()
     def _eval_step(self, batch: dict[str, Tensor]) -> None:
-        r = self._step(batch, "val")
-        domains = self._domains()
-        tokens = r["mask"].sum(-1).float()
-        self.eval_loss.update(r["clm"], weight=tokens.sum())
-        for b in range(batch["input_ids"].shape[0]):
-            d = domains[int(batch["domain"][b])]
-            self.eval_metrics[f"{d}|target|ce"].update(r["target_ce"][b], weight=tokens[b])
-            acc = r["target_correct"][b].sum() / tokens[b].clamp_min(1)
-            self.eval_metrics[f"{d}|target|acc"].update(acc, weight=tokens[b])
-            for i, name in enumerate(self.source_names if "source_ce" in r else []):
-                self.eval_metrics[f"{d}|{name}|share"].update(r["selection"].weights[b, i])
-                self.eval_metrics[f"{d}|{name}|routed"].update((r["selection"].weights[b].argmax() == i).float())
-                if torch.isnan(r["source_ce"][b, i]):  # routed mode: this source did not run on this row
-                    continue
-                self.eval_metrics[f"{d}|{name}|ce"].update(r["source_ce"][b, i], weight=tokens[b])
-                dist = r["outputs"][i].dist  # its most likely id (dense mode keeps the ids in vocabulary order)
-                top1 = dist.ids[b].gather(-1, dist.logprobs[b].argmax(-1, keepdim=True)).squeeze(-1)
-                top1 = top1 == batch["labels"][b].roll(-1)
-                acc = (top1 & r["mask"][b]).sum() / tokens[b].clamp_min(1)
-                self.eval_metrics[f"{d}|{name}|acc"].update(acc, weight=tokens[b])
+        self.eval_metrics.update(self._step(batch, "val"), batch)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")
@@ -693,23 +582,13 @@ class FusionModule(pl.LightningModule):
         self._eval_end("test")
 
     def _eval_end(self, stage: str) -> None:
-        results = {}
-        for key, metric in self.eval_metrics.items():
-            if metric.update_count == 0 and not self.trainer.world_size > 1:
-                continue
-            domain, name, kind = key.split("|")
-            value = float(metric.compute())
-            if math.isnan(value):
-                continue
-            results[f"{stage}/{domain}/{name}_{kind}"] = value
-            if kind == "ce":
-                results[f"{stage}/{domain}/{name}_ppl"] = math.exp(min(value, 50.0))
+        results = self.eval_metrics.results(stage, distributed=self.trainer.world_size > 1)
         for source in self.sources:
             if source.aligner is not None:
                 results[f"align/rate/{source.name}"] = source.alignment_rate
                 results.update({f"align/mass_{k}/{source.name}": v for k, v in source.mass.shares().items()})
         self.log_dict(results, sync_dist=False)
-        self.log(f"{stage}/loss", self.eval_loss.compute(), prog_bar=True)
+        self.log(f"{stage}/loss", self.eval_metrics.loss.compute(), prog_bar=True)
         self.eval_results = results
         if self.trainer.state.fn != "fit" and self.trainer.is_global_zero:  # `lightning-fuse validate/test`
             from lightning_fuse.evaluation import format_table
@@ -754,19 +633,6 @@ class FusionModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def _same_setting(a: Any, b: Any) -> bool:
-    """Equal settings; two spellings of the same local path (relative, ``~``, symlink) are equal too."""
-    if a == b:
-        return True
-    if isinstance(a, str) and isinstance(b, str):
-        pa, pb = resolve_path(a), resolve_path(b)
-        try:
-            return os.path.exists(pa) and os.path.exists(pb) and os.path.samefile(pa, pb)
-        except OSError:
-            return False
-    return False
-
-
 def _scatter_rows(sub: SourceOutput | None, idx: Tensor, shape: torch.Size, k: int) -> SourceOutput:
     """A full-batch SourceOutput from one computed on the rows ``idx``; other rows are empty (ids -1, CE NaN)."""
     b, length = shape
@@ -782,104 +648,3 @@ def _scatter_rows(sub: SourceOutput | None, idx: Tensor, shape: torch.Size, k: i
         gold[idx] = sub.gold_logprob
         ce[idx] = sub.ce
     return SourceOutput(SparseDist(ids, logprobs), gold, ce)
-
-
-def _validate_token(selection: str, strategy: str, features: str, width: int, window: int) -> None:
-    problems = []
-    if selection not in ("sequence", "token"):
-        problems.append(f"`--model.selection` can be sequence, token, got {selection!r}.")
-    if selection == "token" and strategy == "clm":
-        problems.append("`--model.selection token` needs a fusion strategy (not clm, which distils nothing).")
-    if features not in TOKEN_FEATURES:
-        problems.append(f"`--model.token_features` can be {', '.join(TOKEN_FEATURES)}, got {features!r}.")
-    if width < 1:
-        problems.append(f"`--model.token_width` must be >= 1, got {width}.")
-    if window < 1:
-        problems.append(f"`--model.token_window` must be >= 1 (1 = no smoothing), got {window}.")
-    if problems:
-        raise ValueError("\n".join(problems))
-
-
-def _validate_routing(routing: str, strategy: str, features: str, explore: float, warmup_steps: int = 0) -> None:
-    problems = []
-    if routing not in ("after_sources", "before_sources"):
-        problems.append(f"`--model.routing` can be after_sources, before_sources, got {routing!r}.")
-    if routing == "before_sources" and strategy != "adaptive":
-        problems.append(f"`--model.routing before_sources` needs `--model.strategy adaptive`, got {strategy!r}.")
-    if routing == "before_sources" and features != "hidden":
-        problems.append(
-            "`--model.routing before_sources` decides before the sources run, so it cannot use their rewards: "
-            f"set `--model.selector_features hidden` (got {features!r})."
-        )
-    if not 0.0 <= explore <= 1.0:
-        problems.append(f"`--model.explore` must be between 0 and 1, got {explore}.")
-    if warmup_steps < 0:
-        problems.append(f"`--model.selector_warmup_steps` must be >= 0 (0 = no warm-up), got {warmup_steps}.")
-    if problems:
-        raise ValueError("\n".join(problems))
-
-
-def _validate(
-    specs: list[SourceSpec],
-    strategy: str,
-    top_k: int,
-    threshold: float | None,
-    clm_weight: float,
-    kind: str,
-    temperature: float,
-    distill_top_k: int,
-    on_nonfinite: str,
-    target: str | None = None,
-    tokenizer: str | None = None,
-    learning_rates: tuple[float, float] = (1e-3, 1e-2),
-) -> None:
-    """Collect every problem with the module's arguments and raise once (one line per problem)."""
-
-    def missing(path: str) -> bool:  # a local-looking path that does not exist (anything else may be a hub id)
-        return (path.startswith((".", "/", "~")) or path.count("/") > 1) and not os.path.exists(path)
-
-    problems = []
-    for value, flag in ((target, "target"), (tokenizer, "tokenizer")):
-        if value is not None and missing(resolve_path(value)):
-            problems.append(f"`--model.{flag}` path {resolve_path(value)!r} does not exist. Fix the path or give a hub id.")
-    if strategy not in STRATEGIES:
-        problems.append(f"`--model.strategy` can be {', '.join(STRATEGIES)}, got {strategy!r}.")
-    if not specs and strategy != "clm":
-        problems.append(f"`--model.strategy {strategy}` needs at least one source in `--model.sources`.")
-    names = [s.name for s in specs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        problems.append(f"Source names must be unique, got duplicates {dupes}. Rename them in `--model.sources`.")
-    if specs and not 1 <= top_k <= len(specs):
-        problems.append(f"`--model.top_k` must be between 1 and the number of sources ({len(specs)}), got {top_k}.")
-    if threshold is not None and not 0.0 < threshold <= 1.0:
-        problems.append(f"`--model.threshold` must be in (0, 1], got {threshold}.")
-    if not 0.0 <= clm_weight <= 1.0:
-        problems.append(f"`--model.clm_weight` (lambda) must be between 0 and 1, got {clm_weight}.")
-    if kind not in DISTILL_LOSSES:
-        problems.append(f"`--model.distill_loss` can be {', '.join(DISTILL_LOSSES)}, got {kind!r}.")
-    if not temperature > 0:
-        problems.append(f"`--model.temperature` must be > 0, got {temperature}.")
-    if distill_top_k < 1:
-        problems.append(f"`--model.distill_top_k` must be >= 1, got {distill_top_k}.")
-    for value, flag in zip(learning_rates, ("learning_rate", "selector_learning_rate")):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            problems.append(f"`--model.{flag}` must be > 0, got {value} (a learning rate <= 0 does not train).")
-    if on_nonfinite not in ("stop", "skip_batch"):
-        problems.append(f"`--model.on_nonfinite` can be stop, skip_batch, got {on_nonfinite!r}.")
-    for i, spec in enumerate(specs):
-        if not spec.name or not str(spec.name).strip():
-            problems.append(f"source #{i + 1} has an empty name. Give every entry of `--model.sources` a `name`.")
-        path = resolve_path(spec.path)
-        if missing(path):
-            problems.append(f"source {spec.name!r}: path {path!r} does not exist. Fix `path` in `--model.sources`.")
-        if spec.tokenizer is not None and missing(resolve_path(spec.tokenizer)):
-            problems.append(
-                f"source {spec.name!r}: tokenizer {resolve_path(spec.tokenizer)!r} does not exist. Fix `tokenizer` in "
-                "`--model.sources` (or leave it out to use the model's own)."
-            )
-        if spec.load_in_8bit not in ("auto", True, False):
-            problems.append(f"source {spec.name!r}: `load_in_8bit` can be auto, true, false, got {spec.load_in_8bit!r}.")
-    if problems:
-        raise ValueError("\n".join(problems))
-

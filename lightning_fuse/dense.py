@@ -28,7 +28,7 @@ from torch import Tensor
 from lightning_fuse.distill import sparse_divergence
 from lightning_fuse.fusion import SourceOutput, SparseDist
 from lightning_fuse.logits import default_chunk_size
-from lightning_fuse.student import StudentStats, _chunk_logits, student_stats
+from lightning_fuse.student import StudentStats, _backprop_chunk, _chunk_logits, student_stats
 
 _LOG_EPS = math.log(1e-12)  # reverse KL: the floor of a teacher log-prob that is exactly -inf (as in distill.py)
 
@@ -146,15 +146,7 @@ class _DenseLosses(torch.autograd.Function):
                     del log_q
                 g.scatter_add_(-1, gold[s], g_gold[s, None])
                 del log_q1
-                if weight is None:
-                    grad_rows[s] = g.to(rows.dtype)
-                    continue
-                if grad_rows is not None:
-                    grad_rows[s] = (g.to(weight.dtype) @ weight).to(rows.dtype)
-                if grad_w is not None:
-                    grad_w += g.t() @ rows[s].to(work)
-                if grad_b is not None:
-                    grad_b += g.sum(0)
+                _backprop_chunk(g, rows, weight, s, work, grad_rows, grad_w, grad_b)
         return (grad_rows, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
 

@@ -48,6 +48,21 @@ def _chunk_logits(rows: Tensor, weight: Tensor | None, bias: Tensor | None, s: s
     return x.to(work)
 
 
+def _backprop_chunk(g: Tensor, rows: Tensor, weight: Tensor | None, s: slice, work: torch.dtype,
+                    grad_rows: Tensor | None, grad_w: Tensor | None, grad_b: Tensor | None) -> None:
+    """Add the gradient ``g`` w.r.t. chunk ``s``'s logits to the gradients of the rows and of the LM head (in place;
+    without a head, the rows are the logits)."""
+    if weight is None:
+        grad_rows[s] = g.to(rows.dtype)
+        return
+    if grad_rows is not None:
+        grad_rows[s] = (g.to(weight.dtype) @ weight).to(rows.dtype)
+    if grad_w is not None:
+        grad_w += g.t() @ rows[s].to(work)
+    if grad_b is not None:
+        grad_b += g.sum(0)
+
+
 class _Stats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, bias, temperature, exclude, pick, step):  # type: ignore[override]
@@ -130,15 +145,7 @@ class _Stats(torch.autograd.Function):
                                     None if exclude is None else exclude[s], vocab)
                     del x
                 g.scatter_add_(-1, pick[s], g_pick[s].to(work))
-                if weight is None:
-                    grad_rows[s] = g.to(rows.dtype)
-                    continue
-                if grad_rows is not None:
-                    grad_rows[s] = (g.to(weight.dtype) @ weight).to(rows.dtype)
-                if grad_w is not None:
-                    grad_w += g.t() @ rows[s].to(work)
-                if grad_b is not None:
-                    grad_b += g.sum(0)
+                _backprop_chunk(g, rows, weight, s, work, grad_rows, grad_w, grad_b)
         return (
             grad_rows,
             None if grad_w is None else grad_w.to(weight.dtype),

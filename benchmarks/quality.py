@@ -650,8 +650,11 @@ def main(argv: list[str] | None = None) -> int:
     earlier: list[dict[str, Any]] = []
     if args.add_to is not None:
         saved = json.loads(args.add_to.read_text())
-        if saved["regime"] != json.loads(json.dumps(dataclasses.asdict(regime))):
+        ours = json.loads(json.dumps(dataclasses.asdict(regime)))
+        if {k: v for k, v in saved["regime"].items() if k != "seeds"} != {k: v for k, v in ours.items() if k != "seeds"}:
             parser.error(f"--add_to {args.add_to}: its regime {saved['regime']} is not this run's")
+        # more seeds may be added: the run then covers the union of both runs' seeds
+        regime = dataclasses.replace(regime, seeds=tuple(sorted({*saved["regime"]["seeds"], *regime.seeds})))
         methods = [m for m in ALL_METHODS if m in methods or any(r["method"] == m for r in saved["runs"])]
         earlier = [r for r in saved["runs"] if r["method"] in methods]
     print(f"assets ready in {assets['prepare_s']:.0f}s ({assets['demo']} demo build at {assets['root']}; "

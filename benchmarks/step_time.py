@@ -68,6 +68,17 @@ def _fit(target: str, spec: SourceSpec, data: str, args, inline: bool) -> list[f
     return timer.times()
 
 
+def _table(times: dict[str, list[float]], what: str, unit: str) -> None:
+    """Markdown table: median and quartiles of each row's times, and its median relative to the ``same`` row."""
+    print(f"| {what} | {unit} | p25-p75 | vs same |")
+    print("|---|---|---|---|")
+    base = statistics.median(times["same"])
+    for name, t in times.items():
+        q = statistics.quantiles(t, n=4)
+        print(f"| {name} | {statistics.median(t) * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[2] * 1e3:.1f} | "
+              f"{statistics.median(t) / base - 1:+.1%} |", flush=True)
+
+
 def _forward_only(folders: dict[str, str], tgt_tok, src_tok, blocks, args) -> None:
     """The source forward alone (output reduction included), interleaved rounds: same-tokenizer, cross-tokenizer
     with the alignment given (as from the DataLoader), cross-tokenizer aligning in the call."""
@@ -99,13 +110,7 @@ def _forward_only(folders: dict[str, str], tgt_tok, src_tok, blocks, args) -> No
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t0)
-    print("| source forward | median ms | p25-p75 | vs same |")
-    print("|---|---|---|---|")
-    base = statistics.median(times["same"])
-    for name, t in times.items():
-        q = statistics.quantiles(t, n=4)
-        print(f"| {name} | {statistics.median(t) * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[2] * 1e3:.1f} | "
-              f"{statistics.median(t) / base - 1:+.1%} |", flush=True)
+    _table(times, "source forward", "median ms")
 
 
 def main() -> None:
@@ -171,13 +176,7 @@ def main() -> None:
             print(f"round {r}: {name:14s} median {statistics.median(t) * 1e3:7.1f} ms/step", flush=True)
     print(f"\nB={args.batch} L={args.length} hidden={args.hidden} layers={args.layers} vocab={args.vocab} on "
           f"{args.device}, 1 DataLoader worker, {args.rounds} interleaved rounds x {args.steps} steps")
-    print("| source | median ms/step | p25-p75 | vs same |")
-    print("|---|---|---|---|")
-    base = statistics.median(times["same"])
-    for name, t in times.items():
-        q = statistics.quantiles(t, n=4)
-        print(f"| {name} | {statistics.median(t) * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[2] * 1e3:.1f} | "
-              f"{statistics.median(t) / base - 1:+.1%} |")
+    _table(times, "source", "median ms/step")
 
 
 

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lightning_fuse.alignment import ALIGNMENT_VERSION
+from lightning_fuse.alignment.chat import template_id
 from lightning_fuse.cache import (
     CachedSourcesDataset,
     CacheIncompleteError,
@@ -112,7 +113,8 @@ def source_identity(
     tokenizer = load_tokenizer(spec.tokenizer or spec.path, f"source {spec.name!r} tokenizer", spec.trust_remote_code)
     tokenizer_id = tokenizer_fingerprint(tokenizer)
     if target_tokenizer is not None and tokenizer_id != (target_id := tokenizer_fingerprint(target_tokenizer)):
-        model_id["alignment"] = {"mode": spec.alignment, "target_tokenizer": target_id, "version": ALIGNMENT_VERSION}
+        model_id["alignment"] = {"mode": spec.alignment, "target_tokenizer": target_id, "version": ALIGNMENT_VERSION,
+                                 "chat_templates": [template_id(tokenizer), template_id(target_tokenizer)]}
     return {"model_id": model_id, "tokenizer_id": tokenizer_id}
 
 

@@ -34,6 +34,7 @@ from lightning_fuse.cache import (
     SourceWriter,
 )
 from lightning_fuse.data import TextDataModule
+from lightning_fuse.data.collate import chat_rows
 from lightning_fuse.errors import condense_usage_error
 from lightning_fuse.module import FusionModule
 from lightning_fuse.offline import (
@@ -345,7 +346,11 @@ def _run_source(
                 ids = ds.blocks[b:stop].to(device)
                 mask = torch.ones_like(ids)
                 labels = _labels(ds, b, stop, ids).masked_fill(mask == 0, -100)  # as _step
-                out = source.forward(ids, mask, labels, k, vocab)
+                aligned = None
+                if source.aligner is not None:  # as AlignCollate: chat blocks in the source's own template
+                    chat = chat_rows(ds, np.arange(b, stop))
+                    aligned = source.aligner.align_batch(ids.cpu(), mask.cpu(), chat) if chat is not None else None
+                out = source.forward(ids, mask, labels, k, vocab, aligned)
                 top_lp, top_ids = out.dist.logprobs, out.dist.ids
                 if k >= vocab:  # dense mode keeps the ids in vocabulary order; the cache stores them sorted
                     top_lp, order = top_lp.sort(-1, descending=True)

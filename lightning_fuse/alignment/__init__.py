@@ -15,12 +15,14 @@ strings, so GPT-2 'Ġthe' never equals SentencePiece '▁the'. Here, one module 
    with a cutoff), cached on disk;
 4. `aligner`: `TokenAligner` puts it together for batches, with what the source reads (its BOS, its own EOS,
    data text never turned into control tokens) and the credit of every source token for a comparable CE;
-5. `carry`: the source's logits reduced to its top-k distribution on the target's positions and vocabulary.
+5. `chat`: on chat data, a source with a chat template reads each conversation inside its own template's markers;
+6. `carry`: the source's logits reduced to its top-k distribution on the target's positions and vocabulary.
 """
 
 from lightning_fuse.alignment.aligner import (
     AlignedBatch,
     AlignedBlock,
+    ChatRow,
     TokenAligner,
     alignment_rate,
     default_prefix,
@@ -33,7 +35,8 @@ from lightning_fuse.alignment.vocab_map import DROPPED, EXACT, MIN_ED, build_voc
 # 2: role-paired special tokens are read in the source's spelling.
 # 3: the source reads its BOS and data text literally; CE over the source's own tokens of the whole block;
 #    min_ed with a cutoff.
-ALIGNMENT_VERSION = 3
+# 4: chat templates: end-of-turn markers paired; on chat data a source reads its own template's markers.
+ALIGNMENT_VERSION = 4
 
 __all__ = [
     "ALIGNMENT_VERSION",
@@ -42,6 +45,7 @@ __all__ = [
     "MIN_ED",
     "AlignedBatch",
     "AlignedBlock",
+    "ChatRow",
     "TokenAligner",
     "alignment_rate",
     "build_vocab_map",

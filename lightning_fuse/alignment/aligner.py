@@ -8,7 +8,9 @@ gold token downstream).
 What the source reads: the block's text as its own tokenizer reads a document by default, i.e. with the
 special tokens it adds in front (Gemma's and Llama's BOS; none for GPT-2), the target's control tokens that
 have a role in the source too (the EOS joining packed documents) as the source's own, and every piece of data
-text literally: the characters ``<eos>`` in a document are never a control token on either side.
+text literally: the characters ``<eos>`` in a document are never a control token on either side. On chat data
+(``chat=``), a source with a chat template reads each conversation inside its own template's markers
+(``lightning_fuse.alignment.chat``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from lightning_fuse.alignment.chat import ChatRow, chat_segments, has_chat_template, template_pairs
 from lightning_fuse.alignment.dtw import dtw_groups, exact_pairs
 from lightning_fuse.alignment.normalize import (
     normalize_token,
@@ -39,11 +42,11 @@ from lightning_fuse.alignment.spans import (
     span_pairs,
     token_spans,
 )
-from lightning_fuse.alignment.vocab_map import MAX_DISTANCE, build_vocab_map, special_role_pairs
+from lightning_fuse.alignment.vocab_map import EXACT, MAX_DISTANCE, build_vocab_map, special_role_pairs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AlignedBatch", "AlignedBlock", "TokenAligner", "alignment_rate", "default_prefix"]
+__all__ = ["AlignedBatch", "AlignedBlock", "ChatRow", "TokenAligner", "alignment_rate", "default_prefix"]
 
 MAX_DTW_CELLS = 1 << 20  # the full-DTW fallback (about 1 s per 1M cells) leaves bigger runs unaligned
 _METHOD_RANK = {"spans": 0, "offsets": 1, "dtw": 2, "none": 3}
@@ -202,6 +205,14 @@ class TokenAligner:
             src_tokenizer, tgt_tokenizer, mode=mode, cache_dir=cache_dir, max_distance=max_distance,
             with_kind=True, progress=progress,
         )
+        # Chat templates: the control tokens both write right after a message (end-of-turn markers) map onto each
+        # other, and on chat data the source reads its own template's markers (`align_batch(chat=...)`).
+        self.reads_own_template = has_chat_template(src_tokenizer)
+        self.template_pairs = template_pairs(src_tokenizer, tgt_tokenizer)
+        if self.template_pairs:
+            self.vocab_map, self.vocab_kind = self.vocab_map.clone(), self.vocab_kind.clone()
+            for s, t in self.template_pairs:
+                self.vocab_map[s], self.vocab_kind[s] = t, EXACT
         self._src_norm, self._src_bytes = self._tables(src_tokenizer)
         self._tgt_norm, self._tgt_bytes = self._tables(tgt_tokenizer)
         self._tgt_special = special_ids(tgt_tokenizer)
@@ -223,9 +234,9 @@ class TokenAligner:
         norm = ["" if s is None else normalize_token(s, kind=kind) for s in vocab_strings(tokenizer)]
         return norm, [to_bytes(s) for s in norm]
 
-    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict, chat: Sequence[ChatRow | None] | None = None) -> dict[str, torch.Tensor]:
         """`align_batch` of a data batch (``input_ids``, ``attention_mask``), as a dict of tensors."""
-        return self.align_batch(batch["input_ids"], batch.get("attention_mask")).as_dict()
+        return self.align_batch(batch["input_ids"], batch.get("attention_mask"), chat).as_dict()
 
     # -- tokenizer calls ------------------------------------------------------------------------------------------
     def _decode(self, runs: list[list[int]]) -> list[str]:
@@ -250,13 +261,19 @@ class TokenAligner:
         ids = [int(i) for i in tgt_ids]
         return self._align_many([ids], dtw=method == "dtw")[0]
 
-    def align_batch(self, tgt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> AlignedBatch:
+    def align_batch(
+        self, tgt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        chat: Sequence[ChatRow | None] | None = None,
+    ) -> AlignedBatch:
         """Align a batch of target blocks.
 
         Args:
             tgt_ids: ``[B, L]`` target ids.
             attention_mask: optional ``[B, L]``, True/1 on real tokens (left or right padding): the padded tokens
                 are not part of the text and their positions get -1.
+            chat: chat data: each row's `ChatRow` (from ``StoredBlockDataset.chat_rows``). A source with a chat
+                template then reads every conversation with its own template's markers; None (or a source
+                without a template): the target's rendering, re-tokenised.
         """
         if tgt_ids.dim() != 2:
             raise ValueError(f"`tgt_ids` must be [B, L], got shape {tuple(tgt_ids.shape)}")
@@ -266,7 +283,10 @@ class TokenAligner:
         if attention_mask is not None:
             keep = [torch.nonzero(m).flatten() for m in attention_mask.bool()]
             rows = [[r[i] for i in k.tolist()] for r, k in zip(rows, keep)]
-        blocks = self._align_many(rows)
+        if chat is not None and keep is not None and any(c is not None for c in chat):
+            if any(len(k) != length for k in keep):
+                raise ValueError("`chat` rows need unpadded blocks (an attention mask of ones)")
+        blocks = self._align_many(rows, chat=chat)
         m = max((len(b.src_ids) for b in blocks), default=0)
         src_ids = torch.full((bsz, m), self.src_pad_id, dtype=torch.long)
         src_mask = torch.zeros((bsz, m), dtype=torch.bool)
@@ -295,11 +315,22 @@ class TokenAligner:
             if bad:
                 raise ValueError(f"`tgt_ids` must be in [0, {n_tgt}) (target vocabulary), got {bad[:5]}")
 
-    def _align_many(self, rows: list[list[int]], dtw: bool = False) -> list[AlignedBlock]:
+    def _align_many(
+        self, rows: list[list[int]], dtw: bool = False, chat: Sequence[ChatRow | None] | None = None
+    ) -> list[AlignedBlock]:
         self._check_ids(rows)
+        # chat rows, for a source with a chat template: the conversation in the source's own template
+        done: list[AlignedBlock | None] = [None] * len(rows)
+        if chat is not None and self.reads_own_template and not dtw:
+            done = [self._chat_block(r, c) if c is not None else None for r, c in zip(rows, chat)]
+        todo = [i for i, blk in enumerate(done) if blk is None]
+        if len(todo) < len(rows):
+            for i, blk in zip(todo, self._align_many([rows[i] for i in todo], dtw)):
+                done[i] = blk
+            return done
         # each row: runs of regular tokens, cut at the control tokens the target placed (EOS between documents)
         items = [self._items(r) for r in rows]
-        runs = [ids for row in items for kind, ids in row if kind == "run"]
+        runs = [item[1] for row in items for item in row if item[0] == "run"]
         texts = self._decode(runs)
         prepared = [self._target_spans(r, text) for r, text in zip(runs, texts)]
         encoded = self._src_encode([text for _, text, _ in prepared])
@@ -321,6 +352,81 @@ class TokenAligner:
                 out.append(("special", [ids[i]]))
             start = i + 1
         return out
+
+    def _chat_block(self, ids: list[int], row: ChatRow) -> AlignedBlock | None:
+        """A chat block as the source reads it with its own template (``lightning_fuse.alignment.chat``): the
+        target's text of each content piece and the source's scaffold in place of each target scaffold, tokenised
+        as one text the way the source tokenises its own rendering (markers parsed as control tokens). Content
+        tokens pair 1:1 by equal byte spans; a scaffold's first target token pairs with the source's first token
+        there when the vocabulary maps one onto the other (the end-of-turn marker). None (then the plain path)
+        when the block holds target control tokens outside its scaffolds, or spans cannot be derived."""
+        from lightning_fuse.data.chat import chat_scaffolds
+
+        scaffolds: dict[int, list[str] | None] = {}
+        parts: list[tuple[int, int, str | None]] = []  # target [start, stop), the source's scaffold (None: text)
+        for start, stop, conv, piece in chat_segments(row, len(ids)):
+            text = None
+            if piece >= 0 and piece % 2 == 0:
+                if conv not in scaffolds:
+                    scaffolds[conv] = chat_scaffolds(self.src_tokenizer, row.messages(conv))
+                if scaffolds[conv] is not None and piece // 2 < len(scaffolds[conv]):
+                    text = scaffolds[conv][piece // 2]
+            if text is None and np.isin(ids[start:stop], self._tgt_special_arr).any():
+                return None  # target markers the source has no place for: the plain path reads them
+            parts.append((start, stop, text))
+        decoded = iter(self._decode([ids[a:b] for a, b, text in parts if text is None]))
+        n = len(ids)
+        t_start, t_end = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+        pieces, scaffold_at, offset = [], [], 0  # scaffold_at: (target start, byte offset) of each scaffold
+        for a, b, text in parts:
+            if text is None:
+                spans, text, _ = self._target_spans(ids[a:b], next(decoded))
+                if spans is None:
+                    return None
+                t_start[a:b] = np.where(spans[0] >= 0, spans[0] + offset, -1)
+                t_end[a:b] = np.where(spans[0] >= 0, spans[1] + offset, -1)
+            else:
+                scaffold_at.append((a, offset))
+            pieces.append(text)
+            offset += len(text.encode("utf-8"))
+        text = "".join(pieces)
+        tok = self.src_tokenizer
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=bool(getattr(tok, "is_fast", False)))
+        src_ids = [int(i) for i in enc["input_ids"]]
+        strict = False
+        s_spans = token_spans([self._src_bytes[i] for i in src_ids], text.encode("utf-8"))
+        if s_spans is None and "offset_mapping" in enc:
+            s_spans, strict = offset_spans(enc["offset_mapping"], text), True
+        if s_spans is None:
+            return None
+        t_spans = (t_start, t_end)
+        if strict:
+            pairs = anchored_pairs([self._tgt_norm[i] for i in ids], [self._src_norm[i] for i in src_ids], t_spans,
+                                   s_spans)
+            pairs = pairs[t_start[pairs[:, 0]] >= 0] if len(pairs) else pairs  # never inside a scaffold
+        else:
+            pairs = span_pairs(t_spans, s_spans)
+        cred = credit(t_spans, s_spans)
+        covered = (t_start >= 0) & (t_end > t_start)
+        ends = []
+        for a, at in scaffold_at:  # the end-of-turn marker: both predicted at the content's last token
+            j = int(np.searchsorted(s_spans[0], at, side="left"))
+            if a > 0 and j < len(src_ids) and s_spans[0][j] == at and int(self.vocab_map[src_ids[j]]) == ids[a]:
+                ends.append((a, j))
+                covered[a], cred[j] = True, a
+        if ends:
+            pairs = np.concatenate([pairs.reshape(-1, 2), np.asarray(ends, dtype=np.int64)])
+        prefix = [] if src_ids[: len(self.src_prefix)] == self.src_prefix else list(self.src_prefix)
+        k = len(prefix)
+        src_pos = np.full(n, -1, dtype=np.int64)
+        pairs = pairs.reshape(-1, 2) + [0, k]
+        keep = (pairs[:, 0] >= 1) & (pairs[:, 1] >= 1)
+        src_pos[pairs[keep, 0] - 1] = pairs[keep, 1] - 1
+        cred = np.concatenate([np.full(k, -1, dtype=np.int64), cred])
+        src_credit = np.where((np.arange(len(cred)) >= 1) & (cred >= 1), cred - 1, -1)
+        cov = np.append(covered[1:], False) if n else covered
+        return AlignedBlock(prefix + src_ids, src_pos.tolist(), "offsets" if strict else "spans",
+                            src_credit.tolist(), cov.tolist())
 
     def _assemble(self, items, results, dtw: bool) -> AlignedBlock:
         prefix = np.asarray(self.src_prefix, dtype=np.int64)

@@ -122,6 +122,34 @@ class StoredBlockDataset(Dataset):
             out[sel] = self._view(seg, column).take(pos[sel] - self.offsets[s] + seg.start)
         return out
 
+    def _segments_of(self, indices: np.ndarray) -> np.ndarray:
+        pos = np.asarray(indices, dtype=np.int64).reshape(-1)
+        pos = np.where(pos < 0, pos + len(self), pos)
+        if self.order is not None:
+            pos = self.order[pos]
+        return np.searchsorted(self.offsets, pos, side="right") - 1
+
+    @property
+    def has_pieces(self) -> bool:
+        """Whether the blocks are chat blocks with pieces (`chat_rows`)."""
+        return self.store.has_pieces
+
+    def chat_rows(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> list[Any] | None:
+        """The `lightning_fuse.alignment.ChatRow` of the blocks at dataset positions ``indices`` (each token's piece
+        and conversation, and the conversations' messages), for sources that read chat data with their own
+        template; None when the blocks are not chat blocks."""
+        if not self.has_pieces:
+            return None
+        from lightning_fuse.alignment.chat import ChatRow
+
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        pieces, conv = self.gather(idx, "piece"), self.gather(idx, "conv")
+        rows = []
+        for j, s in enumerate(self._segments_of(idx)):
+            seg = self.segments[s]
+            rows.append(ChatRow(pieces[j], conv[j], _Messages(self.store, seg.domain_name, seg.part)))
+        return rows
+
     def domain_of(self, indices: np.ndarray) -> np.ndarray:
         pos = np.asarray(indices, dtype=np.int64).reshape(-1)
         if self.order is not None:
@@ -167,6 +195,18 @@ class StoredBlockDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:  # workers reopen the memory maps
         return {**self.__dict__, "_rows": {}}
+
+
+@dataclass(frozen=True)
+class _Messages:
+    """Conversation ``conv`` of a stored part -> its messages."""
+
+    store: BlockStore
+    domain: str
+    part: str
+
+    def __call__(self, conv: int) -> list[dict[str, Any]]:
+        return json.loads(self.store.conversations(self.domain, self.part)[int(conv)]["messages"])
 
 
 class BlockView:

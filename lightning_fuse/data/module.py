@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -282,14 +283,14 @@ class TextDataModule(pl.LightningDataModule):
             )
         return ResumableLoader(
             self.train_set, self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=True,
-            generator=self._generator(), collate_fn=self._collate(),
+            generator=self._generator(), collate_fn=self._collate(self.train_set),
         )
 
-    def _collate(self) -> AlignCollate | None:
+    def _collate(self, dataset: Any) -> AlignCollate | None:
         """`AlignCollate` for the module's cross-tokenizer sources (None: the default collate)."""
         module = self.trainer.lightning_module if self.trainer is not None else None
         aligners = {s.name: s.aligner for s in getattr(module, "sources", None) or [] if s.aligner is not None}
-        return AlignCollate(aligners) if aligners else None
+        return AlignCollate(aligners, dataset) if aligners else None
 
     def _data_parallel(self) -> tuple[int, int]:
         """(number of data-parallel processes, this process' rank) from the trainer's strategy; (1, 0) without."""
@@ -307,7 +308,7 @@ class TextDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          generator=self._generator(), collate_fn=self._collate())
+                          generator=self._generator(), collate_fn=self._collate(self.val_set))
 
     def _generator(self) -> torch.Generator:
         """The loaders' own generator: iterating a loader then draws its worker seed from it, not from the global
@@ -322,11 +323,13 @@ class ChatDataModule(TextDataModule):
     """``TextDataModule`` for conversations: ``messages_field`` (default ``messages``) of each .jsonl line or dataset
     row is rendered with the target's chat template; the loss (CLM and distillation) is on the assistant replies only.
 
-    What the sources read: a source with the target's tokenizer reads the very same tokens (the target's rendering);
-    a source with another tokenizer reads that text re-tokenised by its own tokenizer (``lightning_fuse.alignment``):
-    the template's markers that are the target's BOS / EOS / PAD / UNK become the source's own, other target control
-    tokens (e.g. ``<|im_start|>``) are not read, and the rest of the template (role names, newlines) is read as text.
-    Sources are not re-rendered with their own chat templates.
+    What the sources read: a source with the target's tokenizer reads the very same tokens (the target's rendering).
+    A source with another tokenizer *and a chat template* reads each conversation rendered with its own template:
+    the same message contents, inside its own markers (``<start_of_turn>model`` where the target wrote
+    ``<|im_start|>assistant``), aligned onto the target's tokens by the contents (``lightning_fuse.alignment.chat``;
+    its end-of-turn marker maps onto the target's). A source with another tokenizer and no chat template reads the
+    target's rendering re-tokenised: the markers that are the target's BOS / EOS / PAD / UNK become the source's own,
+    other target control tokens (e.g. ``<|im_start|>``) are not read, the rest (role names, newlines) is text.
     """
 
     def __init__(self, data_dir: str | None = None, block_size: int = 128, batch_size: int = 8,

@@ -5,7 +5,9 @@ A store is a folder of Hugging Face ``datasets`` (Arrow files, memory-mapped whe
     <tokenized_dir>/<key>/store.json          what it was built from (tokenizer, block size, inputs), per part: rows, sha256
     <tokenized_dir>/<key>/<domain>/           a DatasetDict: "train" and "val" (the domain's train.* / val.* files),
                                               or "all" (held out by the data module); columns input_ids
-                                              int32 [block_size] (and labels int32 [block_size] for chat data)
+                                              int32 [block_size] (chat data: also labels, piece and conv,
+                                              int32 [block_size] each, see CHAT_COLUMNS)
+    <tokenized_dir>/<key>/_conversations/<domain>/   chat data: the conversations (column messages, JSON text)
 
 ``<key>`` hashes everything the blocks depend on (the tokenizer's full definition, the block size, the fields read,
 each input file's path, size and modification time, or a Hugging Face dataset's fingerprint), so a change in any of
@@ -47,9 +49,13 @@ log = logging.getLogger(__name__)
 
 STORE_VERSION = 1
 META = "store.json"
+CONVERSATIONS = "_conversations"  # chat stores: <root>/_conversations/<domain>/<part>, one conversation per row
 _BATCH = 64  # rows per map call (a row holds about PIECE_CHARS characters)
 _TEXT_BATCH = 128  # dataset rows (one document each) per map call
 CALL_CHARS = 1 << 20  # characters per tokenizer call
+# chat stores: per token its labels (-100 outside the replies), its piece (chat.py) and its conversation's row
+CHAT_COLUMNS = ("input_ids", "labels", "piece", "conv")
+CHAT_VERSION = 2  # 2: piece and conv columns, conversations kept
 
 
 @dataclass
@@ -86,12 +92,14 @@ class Encoder:
     column: str
     where: str = "messages"
 
-    def __call__(self, batch: dict[str, list]) -> Any:
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> Any:
         import pyarrow as pa
 
         if self.column == "messages":
-            ids, labels = encode_chat(self.tokenizer, batch["messages"], self.where)
-            return pa.table({"input_ids": _list_column(ids), "labels": _list_column(labels)})
+            ids, labels, pieces = encode_chat(self.tokenizer, batch["messages"], self.where, pieces=True)
+            convs = [np.full(len(r), i, dtype=np.int32) for r, i in zip(ids, indices)]
+            return pa.table({"input_ids": _list_column(ids), "labels": _list_column(labels),
+                             "piece": _list_column(pieces), "conv": _list_column(convs)})
         tok = self.tokenizer
         eos = np.asarray([tok.eos_token_id] if tok.eos_token_id is not None else [], dtype=np.int32)
         if self.column == "text":  # one document per row: long ones in pieces
@@ -141,7 +149,7 @@ class Packer:
     def __call__(self, table: Any) -> Any:
         import pyarrow as pa
 
-        cols = ("input_ids", "labels") if self.labels else ("input_ids",)
+        cols = CHAT_COLUMNS if self.labels else ("input_ids",)
         flat = {c: np.concatenate([self.carry.get(c, np.zeros(0, np.int32)),
                                    table.column(c).combine_chunks().flatten().to_numpy()]) for c in cols}
         n = len(flat["input_ids"]) // self.block_size
@@ -196,7 +204,7 @@ def _features(block_size: int | None, labels: bool) -> Any:
     except ImportError:  # datasets < 4
         from datasets import Sequence as List
     column = List(Value("int32"), length=block_size) if block_size else List(Value("int32"))
-    return Features({"input_ids": column, **({"labels": column} if labels else {})})
+    return Features({c: column for c in (CHAT_COLUMNS if labels else ("input_ids",))})
 
 
 class BlockStore:
@@ -207,6 +215,7 @@ class BlockStore:
         self.meta: dict[str, Any] = json.loads((self.root / META).read_text())
         self.block_size: int = self.meta["block_size"]
         self.has_labels: bool = self.meta["labels"]
+        self.has_pieces: bool = self.meta.get("chat", 0) >= 2  # chat blocks with piece / conv columns
         self._open: dict[tuple[str, str], Any] = {}
 
     def rows(self, domain: str, part: str) -> int:
@@ -224,6 +233,14 @@ class BlockStore:
 
             self._open[(domain, part)] = load_from_disk(str(self.root / domain / part))
         return self._open[(domain, part)]
+
+    def conversations(self, domain: str, part: str) -> Any:
+        """The conversations of a chat store's part (column ``messages``, JSON text), row ``i`` = ``conv`` ``i``."""
+        if ("conversations", domain, part) not in self._open:
+            from datasets import load_from_disk
+
+            self._open[("conversations", domain, part)] = load_from_disk(str(self.root / CONVERSATIONS / domain / part))
+        return self._open[("conversations", domain, part)]
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen the memory maps
         return {**self.__dict__, "_open": {}}
@@ -264,6 +281,7 @@ def _key(inputs: list[PartInput], tokenizer: PreTrainedTokenizerBase, block_size
     key_source = {
         "version": STORE_VERSION, "tokenizer": tokenizer_definition_hash(tokenizer), "block_size": block_size,
         "column": column, "settings": settings or {}, "inputs": [[p.domain, p.part, p.signature] for p in inputs],
+        **({"chat": CHAT_VERSION} if column == "messages" else {}),
     }
     return key_source, hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -292,6 +310,7 @@ def _build(
     start = time.perf_counter()
     parts: dict[str, dict[str, dict[str, Any]]] = {}
     built: dict[str, dict[str, Any]] = {}
+    conversations: dict[str, dict[str, Any]] = {}
     try:
         with _progress(sys.stderr.isatty()):
             for p in inputs:
@@ -300,7 +319,7 @@ def _build(
                 encode = Encoder(tokenizer, column, where=f"{p.domain}/{p.part}")
                 cols = [c for c in docs.column_names]
                 tok = docs.map(
-                    encode, batched=True, batch_size=_TEXT_BATCH if column == "text" else _BATCH,
+                    encode, batched=True, with_indices=True, batch_size=_TEXT_BATCH if column == "text" else _BATCH,
                     writer_batch_size=_BATCH, remove_columns=cols,
                     num_proc=procs if procs > 1 and n_docs > 1 else None, features=_features(None, labels),
                     new_fingerprint=uuid.uuid4().hex, cache_file_name=str(work / f"{p.domain}-{p.part}-tok.arrow"),
@@ -313,11 +332,15 @@ def _build(
                     cache_file_name=str(work / f"{p.domain}-{p.part}-blocks.arrow"), desc=f"packing {p.domain}/{p.part}",
                 )
                 built.setdefault(p.domain, {})[p.part] = blocks.with_format(None)
+                if labels:  # the conversations, for sources that render them with their own chat template
+                    conversations.setdefault(p.domain, {})[p.part] = docs
                 parts.setdefault(p.domain, {})[p.part] = {
                     "rows": packer.rows, "sha256": packer.digest.hexdigest(), "documents": n_docs,
                 }
             for domain, splits in built.items():
                 DatasetDict(splits).save_to_disk(str(tmp / domain))
+            for domain, splits in conversations.items():
+                DatasetDict(splits).save_to_disk(str(tmp / CONVERSATIONS / domain))
         shutil.rmtree(work)
         meta = {**key_source, "block_size": block_size, "labels": labels, "parts": parts, "num_proc": procs,
                 "seconds": round(time.perf_counter() - start, 2)}

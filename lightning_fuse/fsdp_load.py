@@ -8,8 +8,10 @@ one tensor is broadcast at a time and each rank keeps its shard of it.
 
 Rank 0 reads the chunks straight from the target's safetensors files (a chunk is at most ``chunk_bytes`` of
 tensors, an eighth of the model by default, cast to the target's dtype one tensor at a time), so that no rank ever holds the whole model. When the
-files cannot be read that way (no safetensors, a GGUF file, a folder holding only a config, or names that
-``from_pretrained`` would convert), rank 0 alone loads the model with ``from_pretrained`` and sends it from memory.
+files cannot be read that way (a hub id, no safetensors, e.g. a ``pytorch_model.bin``, a GGUF file, a folder holding
+only a config, or names or shapes that differ from the model's, which ``from_pretrained`` may convert), rank 0 alone
+loads the model with ``from_pretrained`` and sends it from memory, and logs why (a warning). If rank 0 fails before
+sending, it tells the other ranks, and every rank ends with that error instead of waiting for the weights.
 """
 
 from __future__ import annotations
@@ -122,18 +124,38 @@ def _layout(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, set
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}, _tied_names(model)
 
 
-def _readable_files(path: str, layout: tuple, gguf: bool) -> list[Path] | None:
-    """The safetensors files to stream, if they hold exactly the model's tensors under its names and shapes."""
+def _readable_files(path: str, layout: tuple, gguf: bool) -> tuple[list[Path] | None, str]:
+    """The safetensors files to stream, if they hold exactly the model's tensors under its names and shapes, else
+    None and why not (with what would make them streamable)."""
+    resave = "re-save it with from_pretrained + save_pretrained (safetensors) to stream it"
     folder = Path(path)
-    files = _safetensors_files(folder) if folder.is_dir() and not gguf else []
+    if gguf:
+        return None, f"it is a GGUF file; {resave}"
+    if not folder.is_dir():
+        return None, "it is not a local folder (a hub id?); pass its downloaded folder to stream its safetensors"
+    files = _safetensors_files(folder)
     if not files:
-        return None
+        bins = sorted(p.name for p in folder.glob("pytorch_model*.bin*"))  # a file or an index of shards
+        return None, f"it holds {bins[0]}, not safetensors; {resave}" if bins else \
+            "it holds no weights (the model is initialised from its config)"
     entries = _file_entries(files)
     expected, tied = layout
     covered = {alias for name in entries for alias in tied.get(name, {name})}
-    if any(expected.get(n) != shape for n, (_, shape) in entries.items()) or set(expected) - covered:
-        return None
-    return files
+    wrong = [n for n, (_, shape) in entries.items() if expected.get(n) != shape] + sorted(set(expected) - covered)
+    if wrong:
+        return None, f"its safetensors names or shapes differ from the model's (e.g. `{wrong[0]}`); {resave}"
+    return files, ""
+
+
+def _unique_sizes(tensors: dict[str, Tensor]) -> dict[str, int]:
+    """Bytes of each tensor, 0 for a name of a tensor already counted (tied embeddings share one)."""
+    seen: set[tuple] = set()
+    sizes = {}
+    for name, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        sizes[name] = 0 if key in seen else t.numel() * t.element_size()
+        seen.add(key)
+    return sizes
 
 
 def _chunks(sizes: dict[str, int], chunk_bytes: int) -> list[list[str]]:
@@ -175,15 +197,17 @@ def _materialise(model: nn.Module, device: torch.device) -> None:
 def _plan(path: str, layout: tuple, dtype: torch.dtype, gguf: bool, build_full: Callable[[], nn.Module],
           chunk_bytes: int | None):
     """Rank 0: where the weights come from and in which chunks: ``(files or None, full model or None, plan)``."""
-    files = _readable_files(path, layout, gguf)
+    files, why = _readable_files(path, layout, gguf)
     full = None
     if files is not None:
         entries = _file_entries(files)
         itemsize = torch.empty((), dtype=dtype).element_size()
         sizes = {name: itemsize * int(torch.Size(shape).numel()) for name, (_, shape) in entries.items()}
     else:
+        log.warning("target: %s is loaded whole on rank 0 and sent to the other ranks, which needs the whole model "
+                    "in rank 0's memory: %s.", path, why)
         full = build_full()
-        sizes = {name: t.numel() * t.element_size() for name, t in full.state_dict().items()}
+        sizes = _unique_sizes(full.state_dict())
     return files, full, _chunks(sizes, chunk_bytes or default_chunk_bytes(sum(sizes.values())))
 
 
@@ -222,13 +246,15 @@ def load_sharded(
             files, full, plan = _plan(path, layout, dtype, gguf, build_full, chunk_bytes)
             message = [("ok", plan, "safetensors" if files is not None else "from_pretrained")]
         except Exception as err:  # the other ranks wait on the broadcast: send them the failure too
-            message = [("error", f"{type(err).__name__}: {err}", "")]
+            from lightning_fuse.errors import error_line
+
+            message = [("error", error_line(err), "")]  # the line rank 0 ends with
             dist.broadcast_object_list(message, src=0)
             raise
     dist.broadcast_object_list(message, src=0)
     status, plan, source = message[0]
     if status == "error":
-        raise RuntimeError(f"target: rank 0 failed to load the weights ({plan}).")
+        raise RuntimeError(f"rank 0 failed to load the target's weights: {plan}")
     full_state = full.state_dict() if full is not None else None
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     largest = 0
@@ -236,7 +262,7 @@ def load_sharded(
         chunk: dict[str, Tensor] = {}
         if rank == 0:
             chunk = _file_tensors(files, names, dtype) if files is not None else {n: full_state[n] for n in names}
-            largest = max(largest, sum(t.numel() * t.element_size() for t in chunk.values()))
+            largest = max(largest, sum(_unique_sizes(chunk).values()))
         set_model_state_dict(model, chunk, options=options)
         del chunk
     del full_state, full

@@ -2,7 +2,11 @@
 
 ``setup`` runs before ``configure_model``: it counts every ``from_pretrained`` call per model path on this rank.
 ``on_fit_start`` runs after sharding, before the first step: it gathers the full target on rank 0 (a collective)
-and compares it with a plain ``AutoModelForCausalLM.from_pretrained``; each rank writes ``fsdp_check_rank<r>.json``.
+and compares it with a plain ``AutoModelForCausalLM.from_pretrained``. Then, in the same processes and process
+group, it loads each of ``fallback_targets`` (folders that cannot be streamed: a ``pytorch_model.bin``, safetensors
+under other names) the way ``configure_model`` loads the target (``load_target_sharded`` with the module's own
+``build_target``), counts the ``from_pretrained`` calls on each, and compares the gathered weights the same way.
+Each rank writes ``fsdp_check_rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -14,10 +18,33 @@ from collections import Counter
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 
+def _bytes(model: nn.Module) -> tuple[int, int]:
+    """(this rank's shards, the whole model) in bytes."""
+    params = list(model.parameters())
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in params)
+    return local, sum(p.numel() * p.element_size() for p in params)
+
+
+def _compare(model: nn.Module, path: str, rank: int) -> dict:
+    """Gather ``model`` on rank 0 (every rank takes part) and compare it with a plain ``from_pretrained`` of ``path``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return {}
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    return {"same_keys": sorted(plain) == sorted(full),
+            "max_abs_diff": max(float((plain[k] - full[k]).abs().max()) for k in plain if k in full)}
+
+
 class FSDPLoadCheck(Callback):
+    def __init__(self, fallback_targets: list[str] | None = None) -> None:
+        self.fallback_targets = [os.path.realpath(p) for p in fallback_targets or []]
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.calls: Counter = Counter()
         self.original = PreTrainedModel.__dict__["from_pretrained"]
@@ -30,23 +57,40 @@ class FSDPLoadCheck(Callback):
         PreTrainedModel.from_pretrained = classmethod(counted)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        PreTrainedModel.from_pretrained = self.original
+        rank = trainer.global_rank
         target = os.path.realpath(pl_module.hparams.target)
-        params = list(pl_module.target.parameters())
-        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in params)
+        local, full = _bytes(pl_module.target)
         result = {
-            "rank": trainer.global_rank,
+            "rank": rank,
             "target_from_pretrained_calls": self.calls[target],
+            "source": pl_module.target_load_report.source,
             "local_bytes": local,
-            "full_bytes": sum(p.numel() * p.element_size() for p in params),
+            "full_bytes": full,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
-        full = get_model_state_dict(pl_module.target, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if trainer.global_rank == 0:
-            plain = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).state_dict()
-            result["same_keys"] = sorted(plain) == sorted(full)
-            result["max_abs_diff"] = max(float((plain[k] - full[k]).abs().max()) for k in plain if k in full)
-        with open(f"fsdp_check_rank{trainer.global_rank}.json", "w") as f:
+        fallbacks = [self._load_fallback(pl_module, path) for path in self.fallback_targets]  # still counting
+        PreTrainedModel.from_pretrained = self.original
+        result.update(_compare(pl_module.target, target, rank))
+        result["fallbacks"] = [
+            {**info, **_compare(model, path, rank)} for path, (model, info) in zip(self.fallback_targets, fallbacks)
+        ]
+        with open(f"fsdp_check_rank{rank}.json", "w") as f:
             json.dump(result, f)
+
+    def _load_fallback(self, pl_module, path: str) -> tuple[nn.Module, dict]:
+        """``path`` loaded as the module's target under the fit's mesh (the module's own target is kept)."""
+        from lightning_fuse.fsdp_load import fsdp_mesh, load_target_sharded
+
+        kept = pl_module.hparams.target, pl_module.target_load_report
+        pl_module.hparams.target = path
+        try:
+            model = load_target_sharded(pl_module, fsdp_mesh(pl_module))
+            report = pl_module.target_load_report
+        finally:
+            pl_module.hparams.target, pl_module.target_load_report = kept
+        local, full = _bytes(model)
+        return model, {
+            "path": path, "source": report.source, "from_pretrained_calls": self.calls[path],
+            "held_full_copy": report.held_full_copy, "largest_chunk_bytes": report.largest_chunk_bytes,
+            "local_bytes": local, "full_bytes": full,
+        }

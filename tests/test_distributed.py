@@ -3,6 +3,9 @@
 The FSDP2 run also checks how the target was loaded (tests/fsdp_check.py: no rank calls ``from_pretrained`` on
 it, each holds half of it, rank 0 gathers exactly the plain ``from_pretrained`` weights), prints each rank's peak
 memory, and writes a distributed (DCP) checkpoint that ``export`` turns into the same folder as a single file.
+In the same processes it loads two targets that cannot be streamed (a ``pytorch_model.bin`` folder, safetensors of
+the base model under other names) and checks the fallback: only rank 0 calls ``from_pretrained``, and the
+gathered weights are exactly its.
 """
 
 import json
@@ -58,24 +61,58 @@ def test_two_process_ddp_fit_on_cpu(tiny_world, tmp_path):
     assert state["token_gate.mlp.2.weight"].abs().sum() > 0
 
 
+def _unstreamable_copies(general: str, root: Path) -> list[Path]:
+    """``general`` as the two folders the FSDP load cannot stream: saved with ``safe_serialization=False`` (what
+    transformers < 5 wrote: the same tensors in ``pytorch_model.bin``), and its base model alone (safetensors
+    without the ``model.`` prefix; ``from_pretrained`` adds it and ties the LM head to the embedding)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(general)
+    as_bin, base = root / "general_bin", root / "general_base"
+    model.save_pretrained(as_bin)
+    torch.save(load_file(as_bin / "model.safetensors"), as_bin / "pytorch_model.bin")
+    (as_bin / "model.safetensors").unlink()
+    model.model.save_pretrained(base)
+    return [as_bin, base]
+
+
 def test_two_process_fsdp_fit_loads_sharded_and_exports_dcp(tiny_world, tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     from lightning_fuse.export import export
 
     # A target with weights (a trained tiny LM), so that the sharded load can be compared with from_pretrained.
+    fallbacks = _unstreamable_copies(tiny_world["general"], tmp_path)
+    check = {"class_path": "fsdp_check.FSDPLoadCheck", "init_args": {"fallback_targets": [str(p) for p in fallbacks]}}
     proc = _run(tiny_world, tmp_path, "fsdp.yaml", tiny_world["general"], [
         "--trainer.strategy.init_args.save_distributed_checkpoint", "true",
-        "--trainer.callbacks+", "fsdp_check.FSDPLoadCheck",
+        "--trainer.callbacks+", json.dumps(check),
     ])
     ranks = [json.loads((tmp_path / f"fsdp_check_rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
         print(f"rank {r['rank']}: peak RSS {r['peak_rss_mb']:.0f} MB, target shard {r['local_bytes']} of "
               f"{r['full_bytes']} bytes")
     print("\n".join(line for line in proc.stderr.splitlines() if "target load (FSDP" in line))
+    assert [r["source"] for r in ranks] == ["safetensors"] * 2
     assert [r["target_from_pretrained_calls"] for r in ranks] == [0, 0]  # no rank loaded the whole target
     assert all(r["local_bytes"] <= 0.6 * r["full_bytes"] for r in ranks)
     assert ranks[0]["same_keys"] and ranks[0]["max_abs_diff"] == 0.0
+
+    # The fallback: rank 0 alone loads the whole model with from_pretrained, says why, and sends it to the others.
+    for i, path in enumerate(fallbacks):
+        rank0, rank1 = (r["fallbacks"][i] for r in ranks)
+        assert rank0["path"] == rank1["path"] == os.path.realpath(path)
+        assert [rank0["source"], rank1["source"]] == ["from_pretrained"] * 2
+        assert [rank0["from_pretrained_calls"], rank1["from_pretrained_calls"]] == [1, 0]
+        assert [rank0["held_full_copy"], rank1["held_full_copy"]] == [True, False]
+        assert all(r["local_bytes"] <= 0.6 * r["full_bytes"] for r in (rank0, rank1))
+        assert rank0["same_keys"] and rank0["max_abs_diff"] == 0.0
+        # the whole tiny model in one chunk, its tied embedding and LM head counted once (no persistent buffers)
+        assert rank0["largest_chunk_bytes"] == rank0["full_bytes"]
+    warnings = [line for line in proc.stderr.splitlines() if "is loaded whole on rank 0" in line]
+    assert len(warnings) == 2, warnings  # once per target, by rank 0
+    assert "it holds pytorch_model.bin, not safetensors; re-save it" in warnings[0], warnings
+    assert "names or shapes differ from the model's (e.g. `embed_tokens.weight`); re-save it" in warnings[1], warnings
 
     folder = next(tmp_path.rglob("last.ckpt"))
     assert folder.is_dir() and (folder / ".metadata").is_file()

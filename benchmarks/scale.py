@@ -17,6 +17,7 @@ hidden 64). Every measurement runs in its own process:
 - ``legacy`` (``--legacy``, smallest size only): the former in-memory path (``read_texts`` + ``pack`` per domain).
 
     python benchmarks/scale.py                         # 50 + 200 MB
+    python benchmarks/scale.py --sizes 50 200 1000 --memory_rounds 3   # then: peak memory, 3 rounds per size
     nice -n 10 python benchmarks/scale.py --sizes 1000
 """
 
@@ -267,10 +268,11 @@ def child(args) -> None:
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def run(task: str, corpus: Path, store: Path, model: str, out: Path, **extra) -> dict:
+def run(task: str, corpus: Path, store: Path, model: str, out: Path, env: dict[str, str] | None = None,
+        **extra) -> dict:
     cmd = [sys.executable, __file__, "--task", task, "--corpus", str(corpus), "--store", str(store), "--model", model,
            "--out", str(out)] + [a for k, v in extra.items() for a in (f"--{k}", str(v))]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{task} failed:\n{proc.stderr[-3000:]}")
@@ -279,6 +281,43 @@ def run(task: str, corpus: Path, store: Path, model: str, out: Path, **extra) ->
 
 def _mb(b: float) -> str:
     return f"{b / 2**20:.0f}"
+
+
+# glibc raises its mmap threshold after freeing a large block (up to 32 MB), so later tensors of that size come from
+# the heap and stay resident after they are freed: peak memory then depends on the order of allocations, by
+# hundreds of MB from run to run. A fixed threshold (the default value, 128 KiB, set explicitly) turns that off.
+ALLOCATORS = {"glibc default": {}, "fixed mmap threshold": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+
+
+def memory_rounds(work: Path, model: str, sizes: list[int], rounds: int) -> None:
+    """Peak memory of ``fit`` and ``precompute`` on the stores already built, ``rounds`` interleaved rounds per
+    size, under both ``ALLOCATORS``; median (min-max) per size and the ratio of the largest size to the smallest."""
+    results: dict[str, list[dict]] = {}
+    for r in range(rounds):
+        for size in sizes:
+            corpus, store = work / f"corpus-{size}mb", work / f"store-{size}-2"
+            if not (store.is_dir() and corpus.is_dir()):
+                raise SystemExit(f"{store} is not built: run `python benchmarks/scale.py --sizes {size}` first")
+            for task in ("fit", "precompute"):
+                for alloc, env in ALLOCATORS.items():
+                    res = run(task, corpus, store, model, work / f"mem-{task}-{size}.json", env=env)
+                    results.setdefault(f"{size}|{task}|{alloc}", []).append(res)
+                    print(f"round {r}: {size} MB {task} ({alloc}): {res}", flush=True)
+    (work / "memory_rounds.json").write_text(json.dumps(results, indent=1))
+    med = {k: {m: statistics.median(x[m] for x in v) for m in ("peak_rss", "peak_anon")} for k, v in results.items()}
+    print(f"\npeak memory, median (min-max) of {rounds} interleaved rounds, MB (PSS / anonymous part)")
+    print("| task | allocator | " + " | ".join(f"{s} MB corpus" for s in sizes) + f" | {sizes[-1]} / {sizes[0]} MB |")
+    print("|---|---|" + "---|" * (len(sizes) + 1))
+    for task in ("fit", "precompute"):
+        for alloc in ALLOCATORS:
+            cells = []
+            for size in sizes:
+                v = results[f"{size}|{task}|{alloc}"]
+                cells.append(" / ".join(f"{_mb(med[f'{size}|{task}|{alloc}'][m])} ({_mb(min(x[m] for x in v))}-"
+                                        f"{_mb(max(x[m] for x in v))})" for m in ("peak_rss", "peak_anon")))
+            lo, hi = med[f"{sizes[0]}|{task}|{alloc}"], med[f"{sizes[-1]}|{task}|{alloc}"]
+            ratio = f"{hi['peak_rss'] / lo['peak_rss']:.2f}x / {hi['peak_anon'] / lo['peak_anon']:.2f}x"
+            print(f"| {task} | {alloc} | " + " | ".join(cells) + f" | {ratio} |")
 
 
 def main() -> None:
@@ -292,12 +331,17 @@ def main() -> None:
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--num_proc", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory_rounds", type=int, default=0,
+                   help="only measure the peak memory of fit and precompute on the stores already built, this many "
+                        "interleaved rounds, with glibc's default allocator and with a fixed mmap threshold")
     args = p.parse_args()
     if args.task:
         return child(args)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = make_models(work)["target"]
+    if args.memory_rounds:
+        return memory_rounds(work, model, args.sizes, args.memory_rounds)
     rows = []
     for size in args.sizes:
         corpus = make_corpus(work, size)

@@ -264,3 +264,58 @@ def test_chat_fit_and_precompute_read_the_source_template(tiny_world, tmp_path, 
         r_on, r_off = online._step(plain, "val"), offline._step(cached, "val")
     torch.testing.assert_close(r_off["source_ce"], r_on["source_ce"], rtol=0, atol=1e-5)
     torch.testing.assert_close(r_off["kd"], r_on["kd"], rtol=2e-3, atol=1e-3)
+
+
+GEMMA_LIKE = (  # Gemma's shape: a system message goes into the first user turn; the assistant is "model"
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+    "{% set rest = messages[1:] %}{% else %}{% set first = '' %}{% set rest = messages %}{% endif %}"
+    "{% for m in rest %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+    "{% if loop.first %}{{ first }}{% endif %}{{ m['content'] + '<end_of_turn>\n' }}{% endfor %}"
+)
+NO_SYSTEM = (  # a template that refuses a role, as some do
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+)
+
+
+def _metaspace(world):
+    from lightning_fuse.tokenizers import train_bpe_tokenizer
+
+    corpus = "".join(Path(world["corpus"], d, "train.txt").read_text() for d in ("sums", "words"))
+    return train_bpe_tokenizer([corpus], vocab_size=600, style="metaspace")
+
+
+def test_system_turn_merged_or_refused_by_the_source_template(tiny_world, tmp_path):
+    """A Gemma-shaped template that writes the system message inside the first user turn: the source reads exactly
+    its rendering and its ``<end_of_turn>`` is the target's end of turn. A template that refuses the system role:
+    those conversations are read as the target's rendering, with no error, the others in the source's template."""
+    tgt_tok, _ = _target_tokenizer(tiny_world, tmp_path)
+    convs = [[{"role": "system", "content": "Answer in words."}, *c] for c in _conversations(tiny_world, 40)]
+    dm = _chat_dm(tiny_world, tmp_path, tgt_tok, convs)
+    ds = dm.train_set
+    ids, rows = ds.blocks[:6], ds.chat_rows(np.arange(6))
+
+    gemma = _metaspace(tiny_world)
+    gemma.add_special_tokens({"bos_token": "<bos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    gemma.chat_template = GEMMA_LIKE
+    aligner = TokenAligner(gemma, tgt_tok, mode="exact", cache_dir=None, progress=False)
+    end = gemma.convert_tokens_to_ids("<end_of_turn>")
+    assert aligner.template_pairs == [(end, tgt_tok.eos_token_id)]
+    chat = aligner.align_batch(ids, chat=rows)
+    text = gemma.decode(chat.src_ids[0][chat.src_mask[0]].tolist())
+    own = gemma.apply_chat_template(convs[0], tokenize=False)
+    assert own.startswith("<bos><start_of_turn>user\nAnswer in words.\n\n")
+    assert text.startswith(own) if len(own) < len(text) else own.startswith(text.rsplit("<start_of_turn>", 1)[0])
+    starts = len(set(np.asarray(rows[0].conv)[np.asarray(rows[0].pieces) == 0].tolist()))
+    assert starts >= 1 and text.count("<bos>") == starts  # its template's BOS, once per conversation started
+    _check_pairs(aligner, ids, chat)
+    ends = (ds.label_blocks[:6][:, 1:] != -100) & (ids[:, 1:] == tgt_tok.eos_token_id)
+    assert ends.any() and bool((chat.src_pos[:, :-1][ends] >= 0).all())
+
+    strict = _metaspace(tiny_world)
+    strict.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    strict.chat_template = NO_SYSTEM
+    aligner = TokenAligner(strict, tgt_tok, mode="exact", cache_dir=None, progress=False)
+    refused = aligner.align_batch(ids, chat=rows)
+    plain = aligner.align_batch(ids)
+    assert torch.equal(refused.src_ids, plain.src_ids) and torch.equal(refused.src_pos, plain.src_pos)

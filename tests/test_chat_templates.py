@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tiny import conversations
 from transformers import AutoTokenizer
 
 from lightning_fuse.alignment import TokenAligner
@@ -46,14 +47,6 @@ def _chatml(tok):
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = SOURCE_TEMPLATE
     return tok
-
-
-def _conversations(world, n=60):
-    lines = Path(world["corpus"], "sums", "train.txt").read_text().splitlines()
-    words = Path(world["corpus"], "words", "train.txt").read_text().splitlines()
-    return [[{"role": "user", "content": lines[i]}, {"role": "assistant", "content": words[i]},
-             {"role": "user", "content": lines[i + 1]}, {"role": "assistant", "content": words[i + 1]}]
-            for i in range(0, 2 * n, 2)]
 
 
 def _chat_dm(world, root: Path, tok, convs, **kwargs):
@@ -105,7 +98,7 @@ def test_source_reads_its_own_chat_template(tiny_world, tmp_path):
     from lightning_fuse.tokenizers import train_bpe_tokenizer
 
     tgt_tok, _ = _target_tokenizer(tiny_world, tmp_path)
-    convs = _conversations(tiny_world)
+    convs = conversations(tiny_world, 60)
     corpus = "".join(Path(tiny_world["corpus"], d, "train.txt").read_text() for d in ("sums", "words"))
     src_tok = _chatml(train_bpe_tokenizer([corpus], vocab_size=600, style="metaspace"))
     dm = _chat_dm(tiny_world, tmp_path, tgt_tok, convs)
@@ -167,7 +160,7 @@ def test_smollm2_reads_its_real_chatml_template(tiny_world, tmp_path):
 
     smol = load_tokenizer(resolve_packaged("pkg://smollm2"))
     tgt_tok, _ = _target_tokenizer(tiny_world, tmp_path)
-    convs = _conversations(tiny_world, 30)
+    convs = conversations(tiny_world, 30)
     dm = _chat_dm(tiny_world, tmp_path, tgt_tok, convs)
     ds = dm.train_set
     aligner = TokenAligner(smol, tgt_tok, mode="exact", cache_dir=None, progress=False)
@@ -211,7 +204,7 @@ def test_chat_fit_and_precompute_read_the_source_template(tiny_world, tmp_path, 
     root = tmp_path_factory.mktemp("chat_tpl")
     source = _chat_source(tiny_world, root)
     _, tok_dir = _target_tokenizer(tiny_world, tmp_path)
-    convs = _conversations(tiny_world, 80)
+    convs = conversations(tiny_world, 80)
     (tmp_path / "chat" / "qa").mkdir(parents=True)
     (tmp_path / "chat" / "qa" / "a.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
     specs = [SourceSpec("chatml", source)]
@@ -290,7 +283,7 @@ def test_system_turn_merged_or_refused_by_the_source_template(tiny_world, tmp_pa
     its rendering and its ``<end_of_turn>`` is the target's end of turn. A template that refuses the system role:
     those conversations are read as the target's rendering, with no error, the others in the source's template."""
     tgt_tok, _ = _target_tokenizer(tiny_world, tmp_path)
-    convs = [[{"role": "system", "content": "Answer in words."}, *c] for c in _conversations(tiny_world, 40)]
+    convs = [[{"role": "system", "content": "Answer in words."}, *c] for c in conversations(tiny_world, 40)]
     dm = _chat_dm(tiny_world, tmp_path, tgt_tok, convs)
     ds = dm.train_set
     ids, rows = ds.blocks[:6], ds.chat_rows(np.arange(6))

@@ -13,6 +13,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from tiny import conversations
 from transformers import AutoTokenizer
 
 from lightning_fuse.cache import data_fingerprint
@@ -211,17 +212,9 @@ def _chat_tokenizer(world, tmp_path):
     return AutoTokenizer.from_pretrained(out), str(out)
 
 
-def _conversations(world, n=120):
-    lines = Path(world["corpus"], "sums", "train.txt").read_text().splitlines()
-    words = Path(world["corpus"], "words", "train.txt").read_text().splitlines()
-    return [[{"role": "user", "content": lines[i]}, {"role": "assistant", "content": words[i]},
-             {"role": "user", "content": lines[i + 1]}, {"role": "assistant", "content": words[i + 1]}]
-            for i in range(0, 2 * n, 2)]
-
-
 def test_chat_labels_only_the_assistant_replies(tiny_world, tmp_path):
     tok, _ = _chat_tokenizer(tiny_world, tmp_path)
-    convs = _conversations(tiny_world)
+    convs = conversations(tiny_world)
     (tmp_path / "chat" / "qa").mkdir(parents=True)
     (tmp_path / "chat" / "qa" / "a.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
     dm = ChatDataModule(str(tmp_path / "chat"), block_size=32, batch_size=4)
@@ -252,7 +245,7 @@ def test_chat_loss_is_on_assistant_tokens(tiny_world, tmp_path):
     tok, tok_dir = _chat_tokenizer(tiny_world, tmp_path)
     (tmp_path / "chat" / "qa").mkdir(parents=True)
     (tmp_path / "chat" / "qa" / "a.jsonl").write_text(
-        "".join(json.dumps({"messages": c}) + "\n" for c in _conversations(tiny_world)))
+        "".join(json.dumps({"messages": c}) + "\n" for c in conversations(tiny_world)))
     module = FusionModule(target=tiny_world["target"], tokenizer=tok_dir, strategy="uniform",
                           sources=[SourceSpec("words", tiny_world["words"])])
     module.configure_model()
@@ -273,7 +266,7 @@ def test_chat_loss_is_on_assistant_tokens(tiny_world, tmp_path):
 
 def test_chat_needs_a_template(tiny_world, tmp_path):
     (tmp_path / "chat" / "qa").mkdir(parents=True)
-    (tmp_path / "chat" / "qa" / "a.jsonl").write_text(json.dumps({"messages": _conversations(tiny_world, 1)[0]}) + "\n")
+    (tmp_path / "chat" / "qa" / "a.jsonl").write_text(json.dumps({"messages": conversations(tiny_world, 1)[0]}) + "\n")
     dm = ChatDataModule(str(tmp_path / "chat"))
     dm.connect(_tokenizer(tiny_world))
     with pytest.raises(ValueError, match="the target tokenizer has no chat template"):
@@ -285,7 +278,7 @@ def test_chat_hf_dataset_through_the_cli_offline(tiny_world, tmp_path):
     import pandas as pd
 
     _, tok_dir = _chat_tokenizer(tiny_world, tmp_path)
-    convs = _conversations(tiny_world, 100)
+    convs = conversations(tiny_world, 100)
     pd.DataFrame({"conversation": [json.dumps(c) for c in convs]}).to_parquet(tmp_path / "chat.parquet")
     args = [
         sys.executable, "-m", "lightning_fuse", "fit",

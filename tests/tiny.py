@@ -121,3 +121,12 @@ def other_tokenizer_source(world: dict[str, str], root: Path, steps: int = 150) 
     tok.save_pretrained(out)
     (out / "done").touch()
     return str(out)
+
+
+def conversations(world: dict[str, str], n: int = 120) -> list[list[dict[str, str]]]:
+    """``n`` chat conversations from the tiny corpus: two turns each way, a sum asked, words answered."""
+    lines = Path(world["corpus"], "sums", "train.txt").read_text().splitlines()
+    words = Path(world["corpus"], "words", "train.txt").read_text().splitlines()
+    return [[{"role": "user", "content": lines[i]}, {"role": "assistant", "content": words[i]},
+             {"role": "user", "content": lines[i + 1]}, {"role": "assistant", "content": words[i + 1]}]
+            for i in range(0, 2 * n, 2)]

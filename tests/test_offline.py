@@ -365,3 +365,32 @@ def test_two_processes_write_the_same_cache_as_one(tiny_world, small_ref, tmp_pa
     assert _files(tmp_path / "cache") == _files(small_ref)
     assert json.loads((tmp_path / "cache" / "train" / "manifest.json").read_text()) == \
         json.loads((small_ref / "train" / "manifest.json").read_text())
+
+
+def test_two_nodes_write_the_same_cache_as_one(tiny_world, small_ref, tmp_path):
+    """`--num_nodes 2 --devices 1`, each node's process started by hand as a cluster scheduler would (NODE_RANK,
+    MASTER_ADDR, MASTER_PORT), both on this machine over a shared folder: the cache of the 1-process run."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    config = write_small_config(tiny_world, tmp_path / "fit.yaml", tmp_path / "cache")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "lightning_fuse", "precompute", "--config", config, "--shard_size", "8",
+           "--max_tokens_per_batch", str(5 * BLOCK), "--device", "cpu", "--devices", "1", "--num_nodes", "2",
+           "--num_threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env={**env, "NODE_RANK": str(node)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    outs = [p.communicate(timeout=1800) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out + err[-4000:]
+    for node, (out, _) in enumerate(outs):
+        assert f"process {node} of 2 wrote" in out, out
+    assert _files(tmp_path / "cache") == _files(small_ref)
+    assert json.loads((tmp_path / "cache" / "train" / "manifest.json").read_text()) == \
+        json.loads((small_ref / "train" / "manifest.json").read_text())

@@ -105,10 +105,13 @@ class WeightsFileError(OSError):
     """A target's safetensors file that cannot be read (cut short, corrupt, missing) or whose tensor cannot be cast."""
 
 
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else "no details"
+
+
 def _unreadable(file: Path, err: Exception) -> WeightsFileError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else "no details"
     return WeightsFileError(
-        f"target: cannot read {file} ({type(err).__name__}: {first}): the file is cut short or corrupt (an "
+        f"target: cannot read {file} ({type(err).__name__}: {_first_line(err)}): the file is cut short or corrupt (an "
         "interrupted download or copy?). Download it again, or re-save the model with from_pretrained + "
         "save_pretrained."
     )
@@ -218,7 +221,7 @@ def _cast(t: Tensor, dtype: torch.dtype, name: str, file: Path) -> Tensor:
             raise  # no room for the cast copy: not the file's fault
         raise WeightsFileError(
             f"target: cannot cast `{name}` ({t.dtype}) of {file} to {dtype} ({type(err).__name__}: "
-            f"{str(err).strip().splitlines()[0]}). Re-save the model in a dtype torch casts with "
+            f"{_first_line(err)}). Re-save the model in a dtype torch casts with "
             "from_pretrained(dtype=...) + save_pretrained, or set --model.target_dtype to its dtype."
         ) from err
 

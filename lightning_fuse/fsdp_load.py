@@ -10,8 +10,10 @@ Rank 0 reads the chunks straight from the target's safetensors files (a chunk is
 tensors, an eighth of the model by default, cast to the target's dtype one tensor at a time), so that no rank ever holds the whole model. When the
 files cannot be read that way (a hub id, no safetensors, e.g. a ``pytorch_model.bin``, a GGUF file, a folder holding
 only a config, or names or shapes that differ from the model's, which ``from_pretrained`` may convert), rank 0 alone
-loads the model with ``from_pretrained`` and sends it from memory, and logs why (a warning). If rank 0 fails before
-sending, it tells the other ranks, and every rank ends with that error instead of waiting for the weights.
+loads the model with ``from_pretrained`` and sends it from memory, and logs why (a warning). If rank 0 fails, while
+planning or while reading a chunk (a file cut short or corrupted after its header was read, a cast that fails), it
+tells the other ranks before the next collective (one 8-byte broadcast per chunk), and every rank ends with that
+error instead of waiting for the weights (until the NCCL timeout on GPUs).
 """
 
 from __future__ import annotations
@@ -99,15 +101,34 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
+class WeightsFileError(OSError):
+    """A target's safetensors file that cannot be read (cut short, corrupt, missing) or whose tensor cannot be cast."""
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else "no details"
+
+
+def _unreadable(file: Path, err: Exception) -> WeightsFileError:
+    return WeightsFileError(
+        f"target: cannot read {file} ({type(err).__name__}: {_first_line(err)}): the file is cut short or corrupt (an "
+        "interrupted download or copy?). Download it again, or re-save the model with from_pretrained + "
+        "save_pretrained."
+    )
+
+
 def _file_entries(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """name -> (file, shape) of every tensor in ``files``, read from their headers only."""
     from safetensors import safe_open
 
     entries = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                entries[name] = (file, tuple(f.get_slice(name).get_shape()))
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    entries[name] = (file, tuple(f.get_slice(name).get_shape()))
+        except Exception as err:  # SafetensorError (a cut header, a file shorter than it says), OSError
+            raise _unreadable(file, err) from err
     return entries
 
 
@@ -172,16 +193,59 @@ def _chunks(sizes: dict[str, int], chunk_bytes: int) -> list[list[str]]:
 
 
 def _file_tensors(files: list[Path], names: list[str], dtype: torch.dtype) -> dict[str, Tensor]:
+    """``names`` read from ``files``, each cast to ``dtype`` as soon as it is read (one uncast tensor at a time)."""
     from safetensors import safe_open
 
     wanted = set(names)
     out = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        try:
+            handle = safe_open(file, framework="pt")
+        except Exception as err:  # the file changed since rank 0 read its header (cut short, replaced)
+            raise _unreadable(file, err) from err
+        with handle as f:
             for name in wanted & set(f.keys()):
-                t = f.get_tensor(name)
-                out[name] = t.to(dtype) if t.is_floating_point() else t
+                try:
+                    t = f.get_tensor(name)
+                except Exception as err:
+                    raise _unreadable(file, err) from err
+                out[name] = _cast(t, dtype, name, file)
     return out
+
+
+def _cast(t: Tensor, dtype: torch.dtype, name: str, file: Path) -> Tensor:
+    try:
+        return t.to(dtype) if t.is_floating_point() else t
+    except (RuntimeError, TypeError) as err:
+        if isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err):
+            raise  # no room for the cast copy: not the file's fault
+        raise WeightsFileError(
+            f"target: cannot cast `{name}` ({t.dtype}) of {file} to {dtype} ({type(err).__name__}: "
+            f"{_first_line(err)}). Re-save the model in a dtype torch casts with "
+            "from_pretrained(dtype=...) + save_pretrained, or set --model.target_dtype to its dtype."
+        ) from err
+
+
+def _raise_together(failure: BaseException | None, rank: int, flag: Tensor) -> None:
+    """Every rank raises when rank 0 failed (``failure``), none otherwise: rank 0 broadcasts a one-element flag
+    and, only on failure, its one-line error, which the other ranks raise (rank 0 re-raises its own).
+
+    ``flag`` is allocated once, before the weights: a new one per chunk raised each rank's peak RSS by ~100 MB in
+    benchmarks/fsdp_load.py with glibc's default allocator (none with a fixed ``MALLOC_MMAP_THRESHOLD_``: the
+    small blocks, allocated between chunks, keep freed chunks from going back to the system)."""
+    flag.fill_(0 if failure is None else 1)
+    dist.broadcast(flag, src=0)
+    if not flag.item():
+        return
+    line: list = [None]
+    if rank == 0:
+        from lightning_fuse.errors import error_line
+
+        line = [error_line(failure)]
+    dist.broadcast_object_list(line, src=0)
+    if rank == 0:
+        raise failure
+    raise RuntimeError(f"rank 0 failed to load the target's weights: {line[0]}")
 
 
 def _materialise(model: nn.Module, device: torch.device) -> None:
@@ -234,6 +298,7 @@ def load_sharded(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     rank = dist.get_rank()
+    flag = torch.zeros(1, dtype=torch.int64, device=device)  # rank 0's status before each collective
     model = build_empty()
     layout = _layout(model)
     dtype = next(model.parameters()).dtype
@@ -241,28 +306,28 @@ def load_sharded(
     _materialise(model, device)
     files = full = None
     message: list = [None]
+    failure: Exception | None = None
     if rank == 0:
         try:
             files, full, plan = _plan(path, layout, dtype, gguf, build_full, chunk_bytes)
-            message = [("ok", plan, "safetensors" if files is not None else "from_pretrained")]
-        except Exception as err:  # the other ranks wait on the broadcast: send them the failure too
-            from lightning_fuse.errors import error_line
-
-            message = [("error", error_line(err), "")]  # the line rank 0 ends with
-            dist.broadcast_object_list(message, src=0)
-            raise
+            message = [(plan, "safetensors" if files is not None else "from_pretrained")]
+        except Exception as err:  # the other ranks wait on the broadcast: send them the failure instead
+            failure = err
+    _raise_together(failure, rank, flag)
     dist.broadcast_object_list(message, src=0)
-    status, plan, source = message[0]
-    if status == "error":
-        raise RuntimeError(f"rank 0 failed to load the target's weights: {plan}")
+    plan, source = message[0]
     full_state = full.state_dict() if full is not None else None
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     largest = 0
     for names in plan:
         chunk: dict[str, Tensor] = {}
         if rank == 0:
-            chunk = _file_tensors(files, names, dtype) if files is not None else {n: full_state[n] for n in names}
-            largest = max(largest, sum(_unique_sizes(chunk).values()))
+            try:
+                chunk = _file_tensors(files, names, dtype) if files is not None else {n: full_state[n] for n in names}
+                largest = max(largest, sum(_unique_sizes(chunk).values()))
+            except Exception as err:  # the others would wait inside set_model_state_dict's broadcasts
+                failure = err
+        _raise_together(failure, rank, flag)
         set_model_state_dict(model, chunk, options=options)
         del chunk
     del full_state, full

@@ -59,18 +59,41 @@ class SourceSpec:
     alignment: Literal["exact", "min_ed"] = "min_ed"
 
 
+# what each loader needs in a local folder: any one file of a group (a tokenizer has one of several formats)
+_CONFIG_FILES = ("config.json",)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                    "sentencepiece.bpe.model")
+
+
+def _looks_local(path: str) -> bool:
+    """A path, not a hub id: it exists, is absolute, starts with ``.`` or ``~``, or has more than one ``/``."""
+    return os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
 def _check_exists(path: str, what: str) -> None:
     """Local-looking paths that do not exist get a clear error; anything else is treated as a hub id."""
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
-    if looks_local and not os.path.exists(path):
+    if _looks_local(path) and not os.path.exists(path):
         raise FileNotFoundError(f"{what}: path {path!r} does not exist. Check the path, or give a hub id.")
 
 
-def _offline_hint(err: Exception, what: str, path: str) -> Exception:
-    return OSError(
-        f"{what}: could not load {path!r} ({type(err).__name__}: {str(err).splitlines()[0]}). "
-        "If it is a hub id, this machine may be offline: download it once and pass the local folder instead."
-    )
+def _offline_hint(err: Exception, what: str, path: str, needs: tuple[str, ...] = _CONFIG_FILES) -> Exception:
+    """The error of a failed ``from_pretrained``: for a local folder, which of ``needs`` (one of them is needed)
+    it lacks and how to fix it; for a hub id, that the machine may be offline."""
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else "no details"
+    cause = f"{what}: could not load {path!r} ({type(err).__name__}: {detail})"
+    if not _looks_local(path):
+        return OSError(f"{cause}. If it is a hub id, this machine may be offline: download it once and pass the "
+                       "local folder instead.")
+    if not os.path.isdir(path):
+        return OSError(f"{cause}. It is a file, not a folder: pass the folder that holds it (a GGUF file: the "
+                       "folder, with gguf_file set to the file's name).")
+    present = [name for name in needs if os.path.exists(os.path.join(path, name))]
+    if not present:
+        lacks = f"no {needs[0]}" if len(needs) == 1 else "none of " + ", ".join(needs)
+        return OSError(f"{cause}. The local folder has {lacks}: point {what} to the folder that save_pretrained "
+                       "wrote, or save the files there with save_pretrained.")
+    return OSError(f"{cause}. The local folder holds {present[0]}, but loading from it failed: re-save it there "
+                   "with save_pretrained (with this transformers version), or fix the file the error names.")
 
 
 def load_tokenizer(
@@ -84,7 +107,7 @@ def load_tokenizer(
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
-        raise _offline_hint(err, what, path) from err
+        raise _offline_hint(err, what, path, (gguf_file,) if gguf_file else _TOKENIZER_FILES) from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
     return tok
@@ -103,7 +126,7 @@ def load_config(path: str, what: str, trust_remote_code: bool = False, gguf_file
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     except (OSError, ValueError) as err:
-        raise _offline_hint(err, what, path) from err
+        raise _offline_hint(err, what, path, (gguf_file,) if gguf_file else _CONFIG_FILES) from err
 
 
 def load_causal_lm(
@@ -136,7 +159,7 @@ def load_causal_lm(
             return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        raise _offline_hint(err, what, path) from err
+        raise _offline_hint(err, what, path, (gguf_file,) if gguf_file else _CONFIG_FILES) from err
 
 
 def _use_8bit(spec: SourceSpec, device: torch.device | str | None) -> bool:

@@ -5,11 +5,14 @@ it, each holds half of it, rank 0 gathers exactly the plain ``from_pretrained`` 
 memory, and writes a distributed (DCP) checkpoint that ``export`` turns into the same folder as a single file.
 In the same processes it loads two targets that cannot be streamed (a ``pytorch_model.bin`` folder, safetensors of
 the base model under other names) and checks the fallback: only rank 0 calls ``from_pretrained``, and the
-gathered weights are exactly its.
+gathered weights are exactly its. Last, a copy of the target whose safetensors file is cut short on rank 0 in the
+middle of the load (after rank 0 planned it from the file's header and sent two chunks): both ranks must end with
+rank 0's one-line error naming the file, at the same chunk, instead of rank 1 waiting in the broadcast.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +86,9 @@ def test_two_process_fsdp_fit_loads_sharded_and_exports_dcp(tiny_world, tmp_path
 
     # A target with weights (a trained tiny LM), so that the sharded load can be compared with from_pretrained.
     fallbacks = _unstreamable_copies(tiny_world["general"], tmp_path)
-    check = {"class_path": "fsdp_check.FSDPLoadCheck", "init_args": {"fallback_targets": [str(p) for p in fallbacks]}}
+    cut = shutil.copytree(tiny_world["general"], tmp_path / "general_cut")
+    check = {"class_path": "fsdp_check.FSDPLoadCheck",
+             "init_args": {"fallback_targets": [str(p) for p in fallbacks], "cut_target": str(cut)}}
     proc = _run(tiny_world, tmp_path, "fsdp.yaml", tiny_world["general"], [
         "--trainer.strategy.init_args.save_distributed_checkpoint", "true",
         "--trainer.callbacks+", json.dumps(check),
@@ -113,6 +118,15 @@ def test_two_process_fsdp_fit_loads_sharded_and_exports_dcp(tiny_world, tmp_path
     assert len(warnings) == 2, warnings  # once per target, by rank 0
     assert "it holds pytorch_model.bin, not safetensors; re-save it" in warnings[0], warnings
     assert "names or shapes differ from the model's (e.g. `embed_tokens.weight`); re-save it" in warnings[1], warnings
+
+    # A file cut short mid-load on rank 0: every rank raises rank 0's line (rank 1 does not wait in the broadcast).
+    rank0, rank1 = (r["cut"] for r in ranks)
+    file = os.path.join(os.path.realpath(cut), "model.safetensors")
+    assert rank0["chunks_read"] == 3  # two chunks sent, the third read failed
+    assert rank0["error"].startswith(f"target: cannot read {file} (SafetensorError: "), rank0["error"]
+    assert rank0["error"].endswith("Download it again, or re-save the model with from_pretrained + save_pretrained.")
+    assert "\n" not in rank0["error"]
+    assert rank1["error"] == f"rank 0 failed to load the target's weights: {rank0['error']}"
 
     folder = next(tmp_path.rglob("last.ckpt"))
     assert folder.is_dir() and (folder / ".metadata").is_file()

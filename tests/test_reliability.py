@@ -488,6 +488,43 @@ def test_hub_id_while_offline(tiny_world, monkeypatch):
         module.configure_model()
 
 
+def test_a_local_folder_that_lacks_files_says_which_not_offline(tiny_world, tmp_path, monkeypatch):
+    """A local folder (absolute, relative, or under ``~``) that from_pretrained cannot load: the error names the
+    missing file and the fix, and does not suggest that the machine is offline."""
+    import shutil
+
+    no_tokenizer = tmp_path / "no_tokenizer"  # the target's config, no tokenizer files
+    no_tokenizer.mkdir()
+    shutil.copy(Path(tiny_world["target"]) / "config.json", no_tokenizer)
+    local = r"could not load '{}' \((ValueError|OSError): .*\)\. The local folder has {}: point {} to the folder"
+    tokenizer_files = "none of tokenizer.json, tokenizer.model, vocab.json, vocab.txt, spiece.model, sentencepiece.bpe.model"
+    with pytest.raises(OSError, match=local.format(no_tokenizer, tokenizer_files, "target tokenizer")) as err:
+        FusionModule(target=str(no_tokenizer), sources=[SourceSpec("words", tiny_world["words"])])
+    assert "hub id" not in str(err.value) and "offline" not in str(err.value)
+
+    only_tokenizer = tmp_path / "only_tokenizer"  # a source folder holding a tokenizer but no config.json
+    shutil.copytree(tiny_world["tokenizer"], only_tokenizer)
+    module = FusionModule(target=tiny_world["target"], sources=[SourceSpec("bare", str(only_tokenizer))], strategy="uniform")
+    with pytest.raises(OSError, match=local.format(only_tokenizer, "no config.json", "source 'bare'")) as err:
+        module.configure_model()
+    assert "hub id" not in str(err.value)
+
+    monkeypatch.chdir(tmp_path)  # relative: a plain folder name, and ./name
+    from lightning_fuse.sources import load_config
+
+    for path in ("only_tokenizer", "./only_tokenizer"):
+        with pytest.raises(OSError, match=local.format(path, "no config.json", "source 'x'")):
+            load_config(path, "source 'x'")
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ is expanded: the message names the folder it read
+    with pytest.raises(OSError, match=local.format(only_tokenizer, "no config.json", "source 'x'")):
+        load_config("~/only_tokenizer", "source 'x'")
+    (only_tokenizer / "config.json").write_text("{not json")  # there, but unreadable: re-save, not offline
+    with pytest.raises(OSError, match=r"The local folder holds config\.json, but loading from it failed: re-save it "
+                                      r"there with save_pretrained") as err:
+        load_config(str(only_tokenizer), "source 'x'")
+    assert "hub id" not in str(err.value)
+
+
 @pytest.mark.parametrize("threshold", [0.0, 1.5, math.nan])
 def test_threshold_outside_0_1(tiny_world, threshold):
     with pytest.raises(ValueError, match=r"^`--model.threshold` must be in \(0, 1\], got"):

@@ -11,6 +11,8 @@ Each run is the CLI in its own process tree over the first ``--blocks`` training
   (a second process starts after the first has set up: Lightning's launcher re-runs the command);
 - CPU: user + system seconds of all the processes (what the run costs, whatever the other load on the machine),
   exact (``RUSAGE_CHILDREN`` once every process is waited for), and the benchmark's own (``sampler_cpu_s``);
+- work CPU: CPU seconds of each process inside that window (``/proc/PID/stat``, every 50 ms): with a core per
+  process and no contention, the 2-process work takes about the largest of them, whatever else runs;
 - memory: peak PSS and its anonymous part (the memory that grows with in-memory data; the rest is pages of
   memory-mapped files), summed over the process tree, sampled every ``--mem_interval`` s (0.25; it was 20 ms,
   which cost the 2 processes a third of a core: see ``TreePeak``).
@@ -71,6 +73,41 @@ class TreePeak:
         return {"peak_pss": self.pss, "peak_anon": self.anon}
 
 
+def _proc_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of one process so far (``/proc/PID/stat``: cheap, unlike smaps)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class TreeCPU:
+    """The last CPU time seen of each process of the tree (sampled every 50 ms), and snapshots of it."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.seen = pid, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(0.05):
+                return
+
+    def sample(self) -> dict[int, float]:
+        for p in [self.pid, *_descendants(self.pid)]:
+            if (t := _proc_cpu(p)) is not None:
+                self.seen[p] = t
+        return dict(self.seen)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _cpu(who: int) -> float:
     r = resource.getrusage(who)
     return r.ru_utime + r.ru_stime
@@ -102,21 +139,25 @@ def run(config: Path, procs: int, cache: Path, code: Path = ROOT, interval: floa
     children, me = _cpu(resource.RUSAGE_CHILDREN), _cpu(resource.RUSAGE_SELF)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = TreePeak(proc.pid, interval)
+    peak, tree = TreePeak(proc.pid, interval), TreeCPU(proc.pid)
     err: list[str] = []
     drain = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
     drain.start()
     first = done = None
     for line in proc.stdout:
         if line.startswith("precompute: cache dir"):
-            first = time.perf_counter()
+            first, at_first = time.perf_counter(), tree.sample()
         elif line.startswith("precompute: done"):
-            done = time.perf_counter()
+            done, at_done = time.perf_counter(), tree.sample()
     proc.wait()
     drain.join()
     wall = time.perf_counter() - start
     _reap()  # the other ranks, once orphaned
+    tree.stop()
     mem = peak.stop()
+    if first is not None and done is not None:  # CPU seconds of each process (rank 0 first) in the shared window
+        mem["work_cpu_s"] = [round(at_done[p] - at_first.get(p, 0.0), 2) for p in sorted(at_done, key=lambda q: (
+            q != proc.pid, q))]
     # every process of the tree is waited for (rank 0 waits for the ones it launched): their exact CPU time
     mem.update(cpu_s=_cpu(resource.RUSAGE_CHILDREN) - children, sampler_cpu_s=_cpu(resource.RUSAGE_SELF) - me)
     if proc.returncode != 0 or first is None or done is None:
@@ -200,6 +241,10 @@ def main() -> None:
         print(f"| {code + ' ' if code else ''}{size} MB | {procs} | {_summary(runs, 'work_s')} | "
               f"{_summary(runs, 'wall_s')} | {_summary(runs, 'cpu_s')} | "
               f"{_summary(runs, 'peak_pss')} | {_summary(runs, 'peak_anon')} |")
+    print("\nCPU seconds of each process inside the shared window (rank 0 first), median over rounds: "
+          + "; ".join(f"{key}: " + ", ".join(f"{statistics.median(r['work_cpu_s'][i] for r in runs):.1f}"
+                                             for i in range(len(runs[0]['work_cpu_s'])))
+                      for key, runs in results.items()))
     loads = [r[k] for runs in results.values() for r in runs for k in ("load_before", "load_after")]
     print(f"load average (1 min) around the runs: {min(loads):.1f}-{max(loads):.1f}")
     for code in codes:

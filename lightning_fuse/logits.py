@@ -6,8 +6,8 @@ them from ``log_softmax(logits.float())`` materialises ``B x L x V`` float32 val
 for one source). ``sparse_logprobs`` works on chunks of positions instead: per chunk it casts to float32, takes
 ``log_softmax`` (one fused pass; ``logsumexp`` and a subtraction take twice as long on CPU), its top-k and the
 gold log-prob. At most two ``chunk_size x V`` float32 tensors are alive at once. On the CPU a chunk has at most
-``CPU_CHUNK_POSITIONS`` positions: chunks that stay in the core's cache and in the allocator's reused memory (a chunk
-of 64 MiB is a fresh ``mmap`` each time: half of its time went to page faults, twice as bad with two processes).
+``CPU_CHUNK_POSITIONS`` positions: chunks that stay in the core's cache and, mostly, in the allocator's reused memory
+(a chunk of 64 MiB is a fresh ``mmap`` each time: up to half of its time went to page faults).
 """
 
 from __future__ import annotations

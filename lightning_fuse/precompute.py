@@ -44,7 +44,7 @@ from lightning_fuse.offline import (
     source_identity,
     split_root,
 )
-from lightning_fuse.ranks import Ranks, launch
+from lightning_fuse.ranks import Ranks, balance, launch
 from lightning_fuse.sources import FrozenSource, SourceSpec
 
 log = logging.getLogger(__name__)
@@ -147,22 +147,24 @@ def _precompute(
     if not ranks.is_main:
         writers = _open_writers(root, splits, specs, identities, k, vocab, shard_size, False, repair=False)
 
-    written = 0
-    for spec in specs:
-        mine = {split: ranks.share(pending) for split, pending in plan[spec.name].items()}
-        if not any(plan[spec.name].values()) and ranks.is_main:
-            log.info("source %r: already cached, skipped", spec.name)
-        if not any(mine.values()):
-            continue
-        written += sum(len(pending) for pending in mine.values())
+    loads = [0] * ranks.world_size
+    shares = {spec.name: _my_shards(ranks, plan[spec.name], writers[spec.name], loads) for spec in specs}
+    if ranks.is_main:
+        for spec in specs:
+            if not any(plan[spec.name].values()):
+                log.info("source %r: already cached, skipped", spec.name)
+    todo = [spec for spec in specs if any(shares[spec.name].values())]
+    written = sum(len(pending) for spec in todo for pending in shares[spec.name].values())
+    for i, spec in enumerate(todo):
         source = _load_source(module, spec, dev)
         try:
-            for split, pending in mine.items():
+            for split, pending in shares[spec.name].items():
                 if pending:
                     _run_source(source, splits[split], writers[spec.name][split], pending, k, vocab, rows, dev, split)
         finally:
             del source
-            gc.collect()
+            if i + 1 < len(todo):  # free the source before the next one loads (a full collection: 0.25 s here)
+                gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     if ranks.world_size > 1:
@@ -178,6 +180,19 @@ def _precompute(
         print(f"precompute: {split}: " + ", ".join(f"{n} {b:.1f} B/token" for n, b in per_token.items()), flush=True)
     print(f"precompute: done, cache in {root}", flush=True)
     return root
+
+
+def _my_shards(ranks: Ranks, pending: dict[str, list[int]], writers: dict[str, SourceWriter],
+               loads: list[int]) -> dict[str, list[int]]:
+    """This rank's pending shards of one source, per split: all the source's shards (every split) balanced over the
+    ranks by sequence count (:func:`~lightning_fuse.ranks.balance`, ``loads`` carried over the sources)."""
+    items = [(split, shard) for split, shards in pending.items() for shard in shards]
+    owners = balance([len(writers[split].shard_range(shard)) for split, shard in items], ranks.world_size, loads)
+    mine: dict[str, list[int]] = {split: [] for split in pending}
+    for (split, shard), owner in zip(items, owners):
+        if owner == ranks.rank:
+            mine[split].append(shard)
+    return mine
 
 
 def _open_writers(

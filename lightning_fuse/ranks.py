@@ -3,13 +3,15 @@
 ``launch`` starts the other processes of this node the way ``lightning-fuse fit`` under DDP does (Lightning's
 subprocess launcher re-runs the same command with ``LOCAL_RANK`` set; on a cluster, SLURM / torchrun / ...
 start them and Lightning reads their environment) and joins them in one process group (gloo on CPU, NCCL on CUDA).
-Each process then runs the shards ``Ranks.share`` gives it. With one process nothing is launched.
+Each process then runs the shards ``balance`` gives it (the same plan on every rank). With one process nothing is
+launched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,11 +41,6 @@ class Ranks:
         """Rank 0's ``obj`` on every rank (also a synchronisation point)."""
         return obj if self.fabric is None else self.fabric.broadcast(obj, src=0)
 
-    def share(self, items: list[T]) -> list[T]:
-        """This rank's contiguous part of ``items`` (the same list on every rank): sizes differ by at most one."""
-        n = len(items)
-        return items[self.rank * n // self.world_size : (self.rank + 1) * n // self.world_size]
-
     def abort(self) -> None:
         """Stop the processes this one launched (rank 0 failed: the others would wait for it at a barrier)."""
         launcher = getattr(getattr(self.fabric, "strategy", None), "launcher", None)
@@ -54,6 +51,25 @@ class Ranks:
             # Lightning's observer thread SIGKILLs this process when it sees a child that failed: these were
             # stopped on purpose, and this process still has to report why (its one-line error)
             proc.returncode = 0
+
+
+def balance(costs: Sequence[int], world_size: int, loads: list[int] | None = None) -> list[int]:
+    """The rank that runs each item: in order, each goes to the rank with the least cost so far (ties: the lowest
+    rank), so that equal items alternate and the ranks' totals differ by at most the largest item.
+
+    ``loads`` (one per rank, updated in place) carries the totals over several calls (one per source): the remainder
+    of one source's shards does not land on the same rank every time. Was: contiguous shares per source and split,
+    whose one-shard remainders all went to the last rank (every other rank then waited for it at the end).
+    """
+    loads = [0] * world_size if loads is None else loads
+    if len(loads) != world_size:
+        raise ValueError(f"`loads` must have one total per rank ({world_size}), got {len(loads)}.")
+    owners = []
+    for cost in costs:
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[rank] += cost
+        owners.append(rank)
+    return owners
 
 
 def launch(device: str | None, devices: int = 1, num_nodes: int = 1) -> Ranks:

@@ -131,23 +131,32 @@ def test_resume_after_crash(tmp_path):
     assert torch.equal(got["ce"], ce)
 
 
-@pytest.mark.parametrize("fail_on", ["shard", "manifest"])
+@pytest.mark.parametrize("fail_on", ["shard", "record"])
 def test_interrupted_write_records_nothing(tmp_path, monkeypatch, fail_on):
+    import lightning_fuse.cache.writer as writer_mod
+
     ids, lp, gold, ce = make_data(8, 1000)
     src = CacheWriter(tmp_path, seq_len=L, top_k=K, vocab_size=1000, shard_size=4).source(
         "a", MODEL, "tok-1", "data-1", num_sequences=8
     )
-    real_replace = os.replace
+    real_replace, real_append = os.replace, writer_mod._append_journal
 
     def failing_replace(src_path, dst_path):
-        if fail_on == "shard" or Path(dst_path).name == "manifest.json":
-            raise OSError("disk full")
-        return real_replace(src_path, dst_path)
+        raise OSError("disk full")
 
-    monkeypatch.setattr(os, "replace", failing_replace)
+    def failing_append(path, generation, event):  # the shard's files are in place, its record is not
+        if "files" in event:
+            raise OSError("disk full")
+        return real_append(path, generation, event)
+
+    if fail_on == "shard":
+        monkeypatch.setattr(os, "replace", failing_replace)
+    else:
+        monkeypatch.setattr(writer_mod, "_append_journal", failing_append)
     with pytest.raises(OSError, match="disk full"):
         src.write_shard(0, ids[:4], lp[:4], gold[:4], ce[:4])
     monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.setattr(writer_mod, "_append_journal", real_append)
 
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["sources"]["a"]["shards"] == []
@@ -282,3 +291,95 @@ def test_data_fingerprint():
     assert data_fingerprint(x) == data_fingerprint(x.numpy().astype(np.int32))
     assert data_fingerprint(x) != data_fingerprint(x.reshape(4, 3))
     assert data_fingerprint(x).startswith("sha256:")
+
+
+def _write(src, data, shards):
+    ids, lp, gold, ce = data
+    for i in shards:
+        r = src.shard_range(i)
+        src.write_shard(i, ids[r.start:r.stop], lp[r.start:r.stop], gold[r.start:r.stop], ce[r.start:r.stop])
+
+
+def _open(root, n=16):
+    return CacheWriter(root, seq_len=L, top_k=K, vocab_size=1000, shard_size=4).source(
+        "a", MODEL, "tok-1", "data-1", num_sequences=n)
+
+
+def test_shard_writes_append_to_the_journal_and_finalize_folds_it(tmp_path, monkeypatch):
+    """A shard write appends two lines to the source's journal and leaves manifest.json alone (was: the whole
+    manifest rewritten under the lock at every shard, a cost growing with the number of shards); a writer opened
+    later sees the journal's shards; finalize folds them into manifest.json and removes the journal."""
+    import lightning_fuse.cache.writer as writer_mod
+
+    data = make_data(16, 1000)
+    src = _open(tmp_path)
+    before = (tmp_path / "manifest.json").read_bytes()
+    rewrites = []
+    monkeypatch.setattr(writer_mod, "_write_manifest", lambda *a: rewrites.append(a))
+    _write(src, data, [0, 2, 1])
+    monkeypatch.undo()
+    assert rewrites == [] and (tmp_path / "manifest.json").read_bytes() == before
+    assert len((tmp_path / "a" / "journal.jsonl").read_text().splitlines()) == 1 + 2 * 3
+    assert _open(tmp_path).pending_shards() == [3]
+    _write(src, data, [3])
+    src.finalize()
+    assert not (tmp_path / "a" / "journal.jsonl").exists()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["version"] == 2 and "journal" not in manifest["sources"]["a"]
+    assert [r["index"] for r in manifest["sources"]["a"]["shards"]] == [0, 1, 2, 3]
+    got = CacheReader(tmp_path, expect=expect()).get("a", torch.arange(16))
+    assert torch.equal(got["ids"], data[0]) and torch.equal(got["ce"], data[3])
+    CacheReader(tmp_path, expect=expect()).verify()
+
+
+def test_journal_torn_line_and_stale_journal_after_crashes(tmp_path):
+    """A crash while appending leaves a torn last line: that shard is pending, the next record starts on a new line.
+    A crash between a manifest rewrite and the journal's reset leaves a journal of another generation: ignored."""
+    data = make_data(16, 1000)
+    src = _open(tmp_path)
+    _write(src, data, [0, 1])
+    journal = tmp_path / "a" / "journal.jsonl"
+    text = journal.read_bytes()
+    journal.write_bytes(text[: len(text) - 40])  # shard 1's record cut short
+    assert _open(tmp_path).pending_shards() == [1, 2, 3]
+    _write(src, data, [1])
+    assert _open(tmp_path).pending_shards() == [2, 3]
+
+    lines = journal.read_bytes().split(b"\n")
+    journal.write_bytes(b"\n".join([b'{"generation":"older"}', *lines[1:]]))
+    assert _open(tmp_path).pending_shards() == [0, 1, 2, 3]  # the records since the last manifest write are lost
+    assert json.loads(journal.read_text().splitlines()[0])["generation"] != "older"  # reopened: a new journal
+    src = _open(tmp_path)
+    _write(src, data, [0, 1, 2, 3])
+    src.finalize()
+    got = CacheReader(tmp_path, expect=expect()).get("a", torch.arange(16))
+    assert torch.equal(got["logprobs"], data[1].half().float())
+
+
+def test_version_1_cache_still_loads_and_resumes_and_unknown_version_is_one_line(tmp_path):
+    """Version 1 (every shard record in manifest.json, no journal) is read as is and resumed (then written as
+    version 2); a version this code does not know is refused in one line that says which it reads."""
+    from lightning_fuse.cache.format import _read_manifest
+
+    data = make_data(16, 1000)
+    _write(_open(tmp_path), data, [0, 1])
+    v1 = _read_manifest(tmp_path)  # the journal folded in: what version 1 kept in manifest.json
+    v1["version"] = 1
+    v1["sources"]["a"].pop("journal")
+    manifest_path = tmp_path / "manifest.json"
+    manifest_path.write_text(json.dumps(v1))
+    (tmp_path / "a" / "journal.jsonl").unlink()
+    src = _open(tmp_path)
+    assert src.pending_shards() == [2, 3]
+    _write(src, data, [2, 3])
+    src.finalize()
+    assert json.loads(manifest_path.read_text())["version"] == 2
+    got = CacheReader(tmp_path, expect=expect()).get("a", torch.arange(16))
+    assert torch.equal(got["ids"], data[0])
+
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "version": 1}))
+    CacheReader(tmp_path, expect=expect()).get("a", [0])  # a complete version-1 cache reads as is
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "version": 3}))
+    with pytest.raises(CacheMismatchError, match=r"format version 3, this lightning-fuse reads versions 1, 2: ") as err:
+        CacheReader(tmp_path, expect=expect())
+    assert "\n" not in str(err.value)

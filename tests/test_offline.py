@@ -394,3 +394,30 @@ def test_two_nodes_write_the_same_cache_as_one(tiny_world, small_ref, tmp_path):
     assert _files(tmp_path / "cache") == _files(small_ref)
     assert json.loads((tmp_path / "cache" / "train" / "manifest.json").read_text()) == \
         json.loads((small_ref / "train" / "manifest.json").read_text())
+
+
+def test_shards_are_balanced_over_the_ranks_across_splits_and_sources():
+    """Two sources with 3 train shards and 1 val shard each, on 2 ranks: 4 shards each (was: contiguous shares per
+    source and split, whose remainders all went to the last rank: 2 vs 6); a short last shard counts for its size."""
+    from types import SimpleNamespace
+
+    from lightning_fuse.precompute import _my_shards
+    from lightning_fuse.ranks import Ranks, balance
+
+    def writer(n, size=8):
+        return SimpleNamespace(shard_range=lambda i: range(i * size, min((i + 1) * size, n)))
+
+    writers = {"train": writer(24), "val": writer(8)}
+    pending = {"train": [0, 1, 2], "val": [0]}
+    got = {}
+    for rank in (0, 1):
+        loads = [0, 0]
+        got[rank] = [_my_shards(Ranks(rank, 2, torch.device("cpu")), pending, writers, loads) for _ in ("a", "b")]
+        assert loads == [32, 32]
+    assert [sum(len(s) for per_source in got[r] for s in per_source.values()) for r in (0, 1)] == [4, 4]
+    for a, b in zip(*got.values()):  # every shard exactly once
+        assert {(k, i) for k, v in a.items() for i in v} | {(k, i) for k, v in b.items() for i in v} == \
+            {("train", 0), ("train", 1), ("train", 2), ("val", 0)}
+    assert balance([8, 2, 8, 8], 2) == [0, 1, 1, 0]  # the rank holding the short shard takes the next one
+    with pytest.raises(ValueError, match="one total per rank"):
+        balance([1], 2, [0])

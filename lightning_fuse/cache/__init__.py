@@ -7,6 +7,7 @@ vocabulary, plus the log-prob of the gold next token; per sequence its mean cros
 Layout (json + .npy only, no pickle anywhere)::
 
     <root>/manifest.json                       format, L, k, vocab size, dtypes, per source: identity + shards
+    <root>/<source>/journal.jsonl              while a source is written: its new shard records, one JSON line each
     <root>/<source>/shard-00000.ids.npy        uint16 [n, L, k]    low 16 bits of the token ids
     <root>/<source>/shard-00000.ids_hi.npy     uint8  [n, L, m]    high bits, packed (only when vocab > 65536)
     <root>/<source>/shard-00000.logprobs.npy   float16 [n, L, k]   top-k log-probs, sorted descending
@@ -18,10 +19,12 @@ Ids take 16 bits plus ``b = bit_length(vocab_size - 1) - 16`` packed bits each (
 FuseLLM's ~100 (fp16 values + int64 ids). fp16 log-probs are exact to half an ulp: |error| <= |x| * 2**-11
 (0.002 at x = -4, 0.008 at x = -16); values below -65504 become -inf (probability 0).
 
-Writes are atomic: each file goes to a temporary name, is fsynced and ``os.replace``-d; the shard is recorded in
-the manifest (itself replaced atomically, under a file lock so several processes or ranks can write shards of
-the same cache) only after all its files are in place. An interruption leaves either the whole shard recorded or
-nothing, and ``SourceWriter.pending_shards()`` tells a restarted job what is left.
+Writes are atomic: each file goes to a temporary name, is fsynced and ``os.replace``-d; the shard is recorded
+only after all its files are in place, by one line appended (and fsynced) to the source's journal, under a file lock
+so several processes or ranks can write shards of the same cache: O(1) per shard, however many shards there are.
+``finalize`` folds the journal into the manifest (itself replaced atomically) and removes it; a complete cache is
+``manifest.json`` plus the .npy files. An interruption leaves either the whole shard recorded or nothing (a torn
+journal line counts as nothing), and ``SourceWriter.pending_shards()`` tells a restarted job what is left.
 
 Example::
 

@@ -24,8 +24,13 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 FORMAT = "lightning-fuse-logprob-cache"
-VERSION = 1
+VERSION = 2
+"""Version 2: a source being written keeps its new shard records in ``<source>/journal.jsonl`` (appended, O(1) per
+shard), folded into ``manifest.json`` when it is finalized. Version 1 (every shard record in ``manifest.json``, which
+every shard write rewrote whole) is read as is and written as version 2."""
+_READABLE = (1, 2)
 MANIFEST = "manifest.json"
+JOURNAL = "journal.jsonl"
 _LOCK = ".manifest.lock"
 _FIX = "rerun `lightning-fuse precompute` or point to another cache dir"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
@@ -123,18 +128,108 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
         raise CacheCorruptError(f"cannot read {path}: {err}; {_FIX}") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheCorruptError(f"{path} is not a lightning-fuse logprob cache manifest; {_FIX}")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in _READABLE:
         raise CacheMismatchError(
-            f"cache at {root} has format version {manifest.get('version')}, this lightning-fuse reads version "
-            f"{VERSION}: {_FIX}"
+            f"cache at {root} has format version {manifest.get('version')}, this lightning-fuse reads versions "
+            f"{', '.join(map(str, _READABLE))}: {_FIX}"
         )
+    for name, entry in manifest.get("sources", {}).items():
+        if isinstance(entry, dict) and entry.get("journal") is not None:
+            _apply_journal(entry, _read_journal(root / name / JOURNAL, entry["journal"]) or [])
     return manifest
 
 
 def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Replace ``manifest.json`` (atomically), with every source's journal folded in (as ``_read_manifest`` gives
+    it): replaying a journal over its own records again changes nothing, so the journals stay valid."""
+    manifest["version"] = VERSION
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
     _atomic_write(root / MANIFEST, lambda f: f.write(data))
     _fsync_dir(root)
+
+
+# ----------------------------------------------------------------------------------------------- journal
+# ``<root>/<source>/journal.jsonl``: a first line ``{"generation": G}`` (G: the source entry's ``journal`` in
+# manifest.json), then one JSON line per event, appended and fsynced under the manifest lock: ``{"drop": i}`` before
+# shard i's files are replaced, ``{"index": i, "count": n, "files": {...}}`` (the manifest's shard record) once they
+# are all in place. A journal whose generation is not the entry's (left by a crash between a manifest rewrite and
+# the journal's reset) is ignored; so is a torn line (a crash while appending: that shard is simply pending).
+
+
+def _journal_line(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def _parse_line(line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def _journal_generation(path: Path) -> str | None:
+    """The generation in the journal's first line, None when it is missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            head = _parse_line(f.readline())
+    except OSError:
+        return None
+    return head.get("generation") if isinstance(head, dict) else None
+
+
+def _read_journal(path: Path, generation: str) -> list[dict[str, Any]] | None:
+    """The events of the journal of ``generation``; None when the file is missing or of another generation."""
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError:
+        return None
+    head = _parse_line(lines[0])
+    if not isinstance(head, dict) or head.get("generation") != generation:
+        return None
+    events = [_parse_line(line) for line in lines[1:] if line]
+    return [e for e in events if isinstance(e, dict) and (isinstance(e.get("drop"), int) or (
+        isinstance(e.get("index"), int) and isinstance(e.get("count"), int) and isinstance(e.get("files"), dict)))]
+
+
+def _apply_journal(entry: dict[str, Any], events: list[dict[str, Any]]) -> None:
+    """``entry["shards"]`` after the journal's events (in order: a record replaces its shard's, a drop removes it)."""
+    shards = {r["index"]: r for r in entry["shards"]}
+    for event in events:
+        if "drop" in event:
+            shards.pop(event["drop"], None)
+        else:
+            shards[event["index"]] = {"count": event["count"], "files": event["files"], "index": event["index"]}
+    entry["shards"] = [shards[i] for i in sorted(shards)]
+
+
+def _new_generation() -> str:
+    return uuid.uuid4().hex
+
+
+def _start_journal(path: Path, generation: str) -> None:
+    """A new, empty journal of ``generation`` at ``path`` (atomically replacing any older one). Write the manifest
+    that names it first: a crash in between leaves an older journal, which readers then ignore."""
+    _atomic_write(path, lambda f: f.write(_journal_line({"generation": generation})))
+
+
+def _append_journal(path: Path, generation: str, record: dict[str, Any]) -> bool:
+    """Append ``record`` (durably) to the journal at ``path`` if it is of ``generation``; False if it is not. Reads
+    the first line and writes at the end: O(1) in the number of shards. Call under the manifest lock."""
+    try:
+        f = open(path, "r+b")  # noqa: SIM115
+    except FileNotFoundError:
+        return False
+    with f:
+        head = _parse_line(f.readline())
+        if not isinstance(head, dict) or head.get("generation") != generation:
+            return False
+        end = f.seek(0, os.SEEK_END)
+        f.seek(end - 1)
+        torn = f.read(1) != b"\n"  # a crash while appending: start on a new line
+        f.write((b"\n" if torn else b"") + _journal_line(record))
+        f.flush()
+        os.fsync(f.fileno())
+    return True
 
 
 @contextlib.contextmanager

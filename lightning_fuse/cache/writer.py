@@ -16,21 +16,26 @@ from lightning_fuse.cache.format import (
     _LOGPROB_TOL,
     _NAME_RE,
     FORMAT,
+    JOURNAL,
     VERSION,
     CacheError,
     CacheIncompleteError,
     CacheMismatchError,
+    _append_journal,
     _atomic_write,
     _canonical,
     _fields,
     _fsync_dir,
     _high_bits,
     _join,
+    _journal_generation,
     _manifest_lock,
+    _new_generation,
     _read_manifest,
     _shard_file,
     _shard_shapes,
     _short,
+    _start_journal,
     _to_numpy,
     _write_manifest,
 )
@@ -175,13 +180,19 @@ class CacheWriter:
                         + ": pass `overwrite=True` to rebuild it, or use another cache dir"
                     )
                 stale = bool(diffs)
+            journal = source_dir / JOURNAL
             if entry is None or stale:
-                manifest["sources"][name] = {**identity, "complete": False, "shards": []}
+                entry = manifest["sources"][name] = {**identity, "complete": False, "shards": []}
+            if not entry["complete"] and (entry.get("journal") is None or _journal_generation(journal) != entry["journal"]):
+                # a new source, a version-1 one, or a journal missing or older than the manifest (which holds its
+                # records): a new journal
+                entry["journal"] = _new_generation()
                 _write_manifest(self.root, manifest)
+                _start_journal(journal, entry["journal"])
         if stale:  # the old shards are unrecorded now; remove their files
             for path in source_dir.glob("shard-*.npy"):
                 path.unlink(missing_ok=True)
-        return SourceWriter(self, name, identity)
+        return SourceWriter(self, name, identity, entry.get("journal"))
 
 
 class SourceWriter:
@@ -190,11 +201,12 @@ class SourceWriter:
     Shard ``i`` holds sequences ``shard_range(i)``; all but the last have ``shard_size`` sequences.
     """
 
-    def __init__(self, cache: CacheWriter, name: str, identity: dict[str, Any]) -> None:
+    def __init__(self, cache: CacheWriter, name: str, identity: dict[str, Any], generation: str | None = None) -> None:
         self._cache = cache
         self.name = name
         self.identity = identity
         self.dir = cache.root / name
+        self._generation = generation  # of the journal this writer appends to (None: the source is complete)
         self.num_sequences: int = identity["num_sequences"]
         self.num_shards = math.ceil(self.num_sequences / cache.shard_size)
 
@@ -264,7 +276,10 @@ class SourceWriter:
             if damaged:
                 entry["shards"] = [r for r in entry["shards"] if r["index"] not in damaged]
                 entry["complete"] = False
+                # a new journal: the old one's records of the damaged shards must not come back
+                entry["journal"] = self._generation = _new_generation()
                 _write_manifest(c.root, manifest)
+                _start_journal(self.dir / JOURNAL, entry["journal"])
         _write_verified(c.root, seen, passed)
         return damaged
 
@@ -339,30 +354,33 @@ class SourceWriter:
             bits = ((ids_np[..., None] >> (16 + np.arange(b))) & 1).astype(np.uint8)  # [n, L, k, b]
             encoded["ids_hi"] = np.packbits(bits.reshape(n, c.seq_len, c.top_k * b), axis=-1, bitorder="little")
 
-        with _manifest_lock(c.root):  # forget an older copy of this shard before its files are replaced
-            manifest = _read_manifest(c.root)
-            entry = self._entry(manifest)
+        self._record({"drop": int(shard_idx)})  # forget an older copy of this shard before its files are replaced
+        files = {
+            f: _save_npy(_shard_file(self.dir, shard_idx, f), encoded[f], c.checksum) for f in _fields(c.vocab_size)
+        }
+        _fsync_dir(self.dir)
+        self._record({"index": int(shard_idx), "count": n, "files": files})
+
+    def _record(self, event: dict[str, Any]) -> None:
+        """Append ``event`` to the source's journal: O(1), manifest.json is not rewritten. When the journal was
+        replaced since this writer opened it (another writer unrecorded damaged shards), the manifest says which
+        journal is current, or that the source was finalized, removed or rebuilt (an error)."""
+        c = self._cache
+        with _manifest_lock(c.root):
+            if self._generation is not None and _append_journal(self.dir / JOURNAL, self._generation, event):
+                return
+            entry = self._entry(_read_manifest(c.root))
             if entry["complete"]:
                 raise CacheError(
                     f"source '{self.name}' in cache {c.root} is complete; reopen it with `overwrite=True` and "
                     f"another identity to rebuild it"
                 )
-            if any(r["index"] == shard_idx for r in entry["shards"]):
-                entry["shards"] = [r for r in entry["shards"] if r["index"] != shard_idx]
-                _write_manifest(c.root, manifest)
-        files = {
-            f: _save_npy(_shard_file(self.dir, shard_idx, f), encoded[f], c.checksum) for f in _fields(c.vocab_size)
-        }
-        _fsync_dir(self.dir)
-        with _manifest_lock(c.root):
-            manifest = _read_manifest(c.root)
-            entry = self._entry(manifest)
-            entry["shards"] = sorted(
-                [r for r in entry["shards"] if r["index"] != shard_idx]
-                + [{"index": shard_idx, "count": n, "files": files}],
-                key=lambda r: r["index"],
-            )
-            _write_manifest(c.root, manifest)
+            if entry.get("journal") is None or not _append_journal(self.dir / JOURNAL, entry["journal"], event):
+                raise CacheMismatchError(
+                    f"the journal of source '{self.name}' in cache {c.root} was replaced while this writer was open; "
+                    f"reopen it with `CacheWriter.source`"
+                )
+            self._generation = entry["journal"]
 
     def finalize(self) -> None:
         """Mark the source complete; readers refuse it until then.
@@ -377,8 +395,12 @@ class SourceWriter:
                 f"shards to write (first: {pending[:5]}); write them before `finalize()`"
             )
         with _manifest_lock(self._cache.root):
-            manifest = _read_manifest(self._cache.root)
-            self._entry(manifest)["complete"] = True
+            manifest = _read_manifest(self._cache.root)  # the journal folded in
+            entry = self._entry(manifest)
+            entry["complete"] = True
+            entry.pop("journal", None)
             _write_manifest(self._cache.root, manifest)
+            (self.dir / JOURNAL).unlink(missing_ok=True)
+            self._generation = None
 
 

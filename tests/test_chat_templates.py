@@ -145,7 +145,7 @@ def test_source_reads_its_own_chat_template(tiny_world, tmp_path):
     plain_rate = float(((plain.src_pos[:, :-1] >= 0) & predicts_reply).sum()) / float(predicts_reply.sum())
     print(f"assistant positions aligned 1:1: {rate:.3f} reading its own template, {plain_rate:.3f} reading the "
           f"target's rendering; {len(pairs)} pairs checked")
-    assert rate > 0.4 and rate >= plain_rate - 0.05
+    assert rate > 0.4 and rate >= plain_rate
     # the credit still counts each source token at most once, towards a real target position
     assert int(chat.src_credit.max()) < BLOCK
 
@@ -312,3 +312,25 @@ def test_system_turn_merged_or_refused_by_the_source_template(tiny_world, tmp_pa
     refused = aligner.align_batch(ids, chat=rows)
     plain = aligner.align_batch(ids)
     assert torch.equal(refused.src_ids, plain.src_ids) and torch.equal(refused.src_pos, plain.src_pos)
+
+
+def test_what_follows_both_end_of_turn_markers_alike_is_aligned_too(tiny_world, tmp_path):
+    """Target turns end with EOS + newline, the source's ChatML turns with ``<|im_end|>`` + newline: the newline is
+    predicted after equivalent contexts on both sides (the same contents, then the paired markers), so it gets the
+    source's distribution too; the next marker (``<|im_start|>`` against the target's ``<user>``) does not."""
+    tgt = AutoTokenizer.from_pretrained(tiny_world["target"])
+    tgt.chat_template = TARGET_TEMPLATE.replace("+ eos_token }}", "+ eos_token + '\n' }}")
+    convs = conversations(tiny_world, 40)
+    dm = _chat_dm(tiny_world, tmp_path, tgt, convs)
+    ds = dm.train_set
+    ids, rows = ds.blocks[:6], ds.chat_rows(np.arange(6))
+    src = _chatml(_metaspace(tiny_world))
+    aligner = TokenAligner(src, tgt, mode="exact", cache_dir=None, progress=False)
+    chat = aligner.align_batch(ids, chat=rows)
+    _check_pairs(aligner, ids, chat)
+    newline = tgt("\n", add_special_tokens=False)["input_ids"]
+    assert len(newline) == 1
+    after_end = (ids[:, :-1] == tgt.eos_token_id) & (ids[:, 1:] == newline[0])  # position t holds the EOS
+    reply = ds.label_blocks[:6][:, 1:] != -100
+    assert (after_end & reply).any()
+    assert bool((chat.src_pos[:, :-1][after_end & reply] >= 0).all())

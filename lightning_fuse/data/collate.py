@@ -20,7 +20,8 @@ class AlignCollate:
 
     def __init__(self, aligners: dict, dataset: Any = None) -> None:
         self.aligners = aligners
-        self.dataset = dataset
+        # the chat rows are read only for a source that renders conversations with its own template
+        self.dataset = dataset if any(getattr(a, "reads_own_template", False) for a in aligners.values()) else None
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = default_collate(samples)
